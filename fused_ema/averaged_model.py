@@ -1,0 +1,149 @@
+"""A drop-in replacement for ``torch.optim.swa_utils.AveragedModel`` whose update is fused."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import swa_utils
+from torch.optim.swa_utils import SWALR, update_bn  # noqa: F401  (re-exported)
+
+from fused_ema import backends
+from fused_ema.backends.reference import compute_dtype
+from fused_ema.modules import Binding, clone_module, unwrap
+from fused_ema.rules import EMA, SWA, Rule
+
+
+class AveragingFunction:
+    """An ``avg_fn`` / ``multi_avg_fn`` backed by a rule.
+
+    Works when passed to torch's own AveragedModel (signature ``(averaged, current, num_averaged)``),
+    and :class:`AveragedModel` recognises it and runs its rule through the fused update instead.
+    """
+
+    def __init__(self, rule: Rule, multi: bool) -> None:
+        self.rule, self.multi = rule, multi
+
+    def __repr__(self) -> str:
+        return f"AveragingFunction({self.rule!r}, multi={self.multi})"
+
+    @torch.no_grad()
+    def __call__(self, averaged: Any, current: Any, num_averaged: Tensor | int) -> Tensor | None:
+        # torch's AveragedModel passes a device tensor: reading it is the sync torch's class makes anyway.
+        weight = self.rule(int(num_averaged))
+        if not self.multi:
+            dtype = compute_dtype(averaged.dtype, current.dtype)
+            return averaged.to(dtype).lerp(current.to(dtype), weight).to(averaged.dtype)
+        from fused_ema.functional import lerp_
+
+        lerp_(averaged, current, weight)
+        return None
+
+
+def get_ema_multi_avg_fn(decay: float = 0.999) -> AveragingFunction:
+    """EMA over lists of tensors, ``w = 1 - decay``; fused in :class:`AveragedModel`, valid in torch's."""
+    return AveragingFunction(EMA(decay), multi=True)
+
+
+def get_swa_multi_avg_fn() -> AveragingFunction:
+    """Equal averaging over lists of tensors, ``w = 1 / (n + 1)``."""
+    return AveragingFunction(SWA(), multi=True)
+
+
+def get_ema_avg_fn(decay: float = 0.999) -> AveragingFunction:
+    """EMA of one tensor, ``decay * averaged + (1 - decay) * current``."""
+    return AveragingFunction(EMA(decay), multi=False)
+
+
+def get_swa_avg_fn() -> AveragingFunction:
+    """Equal average of one tensor, ``averaged + (current - averaged) / (n + 1)``."""
+    return AveragingFunction(SWA(), multi=False)
+
+
+def _rule_of(function: Callable | None) -> Rule | None:
+    if isinstance(function, AveragingFunction):
+        return function.rule
+    if isinstance(function, Rule):
+        return function
+    return None
+
+
+class AveragedModel(swa_utils.AveragedModel):
+    """Keeps an average of a model's weights, like ``torch.optim.swa_utils.AveragedModel``.
+
+    Same constructor, ``update_parameters``, ``forward``, ``n_averaged`` buffer and state_dict keys
+    (``n_averaged``, ``module.<name>``), so checkpoints move between the two classes. The
+    difference is the update: all tensors in one fused call per device and dtype, no host-device
+    sync (``n_averaged`` is mirrored on the host), tensor lists built once, and integer buffers
+    copied rather than averaged. Rules from ``get_*_avg_fn`` of this module (or any
+    :class:`fused_ema.rules.Rule`) take the fused path; other functions run as in torch.
+
+    Example::
+
+        swa_model = fused_ema.AveragedModel(model, multi_avg_fn=fused_ema.get_ema_multi_avg_fn(0.999))
+        for batch in loader:
+            train_step(model, batch)
+            swa_model.update_parameters(model)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        device: int | torch.device | str | None = None,
+        avg_fn: Callable[[Tensor, Tensor, Tensor | int], Tensor] | None = None,
+        multi_avg_fn: Callable[[list[Tensor], list[Tensor], Tensor | int], None] | None = None,
+        use_buffers: bool = False,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        nn.Module.__init__(self)
+        if avg_fn is not None and multi_avg_fn is not None:
+            raise ValueError("give only one of avg_fn and multi_avg_fn")
+        self.module = clone_module(unwrap(model), device)
+        self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long, device=device))
+        self.avg_fn = avg_fn
+        self.multi_avg_fn = multi_avg_fn
+        self.use_buffers = use_buffers
+        self.backend = backends.check_name(backend)
+        self._rule = SWA() if avg_fn is None and multi_avg_fn is None else _rule_of(avg_fn or multi_avg_fn)
+        self._n_host = 0
+        self._binding = Binding([self.module], average_buffers=use_buffers, backend=backend)
+        self.register_load_state_dict_post_hook(_reread_n_averaged)
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        """Fold ``model``'s current weights into the average (the first call copies them)."""
+        plan = self._binding.plan(unwrap(model))
+        if self._rule is not None:
+            plan.lerp_([1.0 if self._n_host == 0 else self._rule(self._n_host)])
+        else:
+            self._update_with_function(plan)
+        self.n_averaged.add_(1)  # in place on its device: no sync
+        self._n_host += 1
+
+    def _update_with_function(self, plan) -> None:
+        """A user's own avg_fn / multi_avg_fn, called as torch's AveragedModel calls it."""
+        pairs = [(a, m) for a, m in zip(plan.average_sets[0], plan.models) if a.is_floating_point()]
+        if self._n_host == 0:
+            for average, model in pairs:
+                average.copy_(model)
+        elif self.multi_avg_fn is not None:
+            groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
+            for average, model in pairs:
+                averages, models = groups.setdefault((average.device, average.dtype), ([], []))
+                averages.append(average)
+                models.append(model.to(average.device, non_blocking=True))
+            for (device, _), (averages, models) in groups.items():
+                self.multi_avg_fn(averages, models, self.n_averaged.to(device))
+        else:
+            for average, model in pairs:
+                model = model.to(average.device, non_blocking=True)
+                average.copy_(self.avg_fn(average, model, self.n_averaged.to(average.device)))
+        plan.copy_()
+
+
+def _reread_n_averaged(module: AveragedModel, _incompatible_keys) -> None:
+    # Loading a checkpoint is not an update: one read of the loaded count here is fine.
+    module._n_host = int(module.n_averaged)

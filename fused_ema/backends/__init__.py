@@ -1,0 +1,141 @@
+"""Backend registry: name -> backend, why a backend cannot run, and what "auto" picks.
+
+Every backend implements one contract, ``lerp_(group, weights, rounding_keys)``: for each average
+set ``k`` and pair ``i`` of a :class:`fused_ema.plan.Group`,
+``averages[k][i] <- lerp(averages[k][i], models[i], weights[k])`` computed in float32 (float64
+when either side is float64), rounded once on store; bfloat16 averages are rounded
+stochastically when ``rounding_keys`` is given (see :mod:`fused_ema.rounding`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fused_ema.plan import Group
+
+ENVIRONMENT_VARIABLE = "FUSED_EMA_BACKEND"
+
+# name -> module that defines BACKEND; imported on first use (triton is slow to import).
+_MODULES = {
+    "reference": "fused_ema.backends.reference",
+    "foreach": "fused_ema.backends.foreach",
+    "cpu": "fused_ema.backends.cpu",
+    "triton": "fused_ema.backends.triton",
+    "cuda": "fused_ema.backends.cuda",
+}
+# What "auto" tries, fastest first, per device type; any other device type gets foreach.
+AUTO_ORDER = {"cpu": ("cpu", "foreach"), "cuda": ("cuda", "triton", "foreach")}
+NAMES = tuple(_MODULES) + ("auto",)
+
+
+class Backend:
+    """One way to run the update. Subclasses set ``name`` and override ``lerp_``."""
+
+    name: str = ""
+    device_types: tuple[str, ...] | None = None  # None: any device torch supports
+
+    def unavailable_reason(self) -> str | None:
+        """Why this backend cannot run on this machine at all, with the fix; None when it can."""
+        return None
+
+    def cannot_run(self, group: Group) -> str | None:
+        """Why this backend cannot run ``group``; None when it can."""
+        if self.device_types is not None and group.device.type not in self.device_types:
+            return f"it runs on {' or '.join(self.device_types)} tensors, these are on {group.device}"
+        if self.device_types is not None and not group.fusable:
+            return (
+                "these tensors are not dense with matching strides on one device "
+                "(non-contiguous views, or an average on another device than its model)"
+            )
+        return None
+
+    def is_stale(self, group: Group) -> bool:
+        """True when a tensor changed dtype, device or layout since ``group`` was built."""
+        return not group.unchanged()
+
+    def lerp_(self, group: Group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
+        raise NotImplementedError
+
+
+class _Unavailable(Backend):
+    """Stands in for a backend whose module failed to import, keeping the reason."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name, self._reason = name, reason
+
+    def unavailable_reason(self) -> str | None:
+        return self._reason
+
+
+_loaded: dict[str, Backend] = {}
+_warned: set[tuple[str, str]] = set()
+
+
+def get(name: str) -> Backend:
+    """The backend called ``name`` (whether or not it can run here)."""
+    check_name(name)
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(_MODULES[name]).BACKEND
+        except ImportError as error:
+            _loaded[name] = _Unavailable(name, f"its module failed to import ({error})")
+    return _loaded[name]
+
+
+def check_name(name: str) -> str:
+    if name not in NAMES:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, NAMES))}, got {name!r}")
+    return name
+
+
+def status() -> dict[str, str | None]:
+    """Every backend name -> None if it can run on this machine, else the reason and the fix."""
+    return {name: get(name).unavailable_reason() for name in _MODULES}
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run on this machine, e.g. ``['reference', 'foreach', 'cpu']``."""
+    return [name for name, reason in status().items() if reason is None]
+
+
+def resolve(name: str, group: Group) -> Backend:
+    """The backend that runs ``group`` for the requested ``name``.
+
+    "auto" (or the ``FUSED_EMA_BACKEND`` environment variable, which overrides it) never raises:
+    it picks the fastest backend that can run these tensors. A backend named explicitly that
+    cannot run here raises RuntimeError; one that runs here but not on this group (strided views,
+    say) hands the group to foreach, which gives the same result, and warns once.
+    """
+    if name == "auto":
+        name = os.environ.get(ENVIRONMENT_VARIABLE, "auto")
+        check_name(name)
+    if name == "auto":
+        for candidate in AUTO_ORDER.get(group.device.type, ("foreach",)):
+            backend = get(candidate)
+            if backend.unavailable_reason() is None and backend.cannot_run(group) is None:
+                return backend
+        return get("foreach")
+    backend = get(name)
+    reason = backend.unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"backend {name!r} is not available: {reason}")
+    reason = backend.cannot_run(group)
+    if reason is None:
+        return backend
+    if group.device.type not in (backend.device_types or ()):
+        raise RuntimeError(
+            f"backend {name!r} cannot update these tensors: {reason}; use backend='auto' or 'foreach'"
+        )
+    if (name, reason) not in _warned:
+        _warned.add((name, reason))
+        warnings.warn(
+            f"backend {name!r} cannot fuse some tensors ({reason}); they are updated with "
+            "backend 'foreach' instead (same result, slower)",
+            stacklevel=4,
+        )
+    return get("foreach")

@@ -1,0 +1,62 @@
+"""torch._foreach_lerp_ per group, the way torch.optim's foreach path works."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from fused_ema.backends import Backend
+from fused_ema.backends.reference import ReferenceBackend, compute_dtype
+
+# Mixed-dtype groups are upcast this many elements at a time, so the temporaries stay small.
+UPCAST_BATCH_ELEMENTS = 1 << 22
+
+
+def _batches(tensors: Sequence[torch.Tensor]) -> list[slice]:
+    batches, start, size = [], 0, 0
+    for index, tensor in enumerate(tensors):
+        size += tensor.numel()
+        if size >= UPCAST_BATCH_ELEMENTS:
+            batches.append(slice(start, index + 1))
+            start, size = index + 1, 0
+    if start < len(tensors):
+        batches.append(slice(start, len(tensors)))
+    return batches
+
+
+class ForeachBackend(Backend):
+    name = "foreach"
+    _warned_rounding = False
+
+    def lerp_(self, group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
+        if rounding_keys is not None and group.average_dtype == torch.bfloat16:
+            self._warn_rounding_once()
+            ReferenceBackend().lerp_(group, weights, rounding_keys)
+            return
+        models = group.models
+        if group.model_device != group.device:
+            models = [model.to(group.device, non_blocking=True) for model in models]
+        dtype = compute_dtype(group.average_dtype, group.model_dtype)
+        for averages, weight in zip(group.averages, weights):
+            if group.average_dtype == group.model_dtype:
+                torch._foreach_lerp_(averages, models, weight)
+                continue
+            for batch in group.cache.setdefault("upcast_batches", _batches(models)):
+                wide_averages = [a.to(dtype) for a in averages[batch]]
+                torch._foreach_lerp_(wide_averages, [m.to(dtype) for m in models[batch]], weight)
+                if group.average_dtype != dtype:
+                    torch._foreach_copy_(averages[batch], wide_averages)
+
+    def _warn_rounding_once(self) -> None:
+        if not ForeachBackend._warned_rounding:
+            ForeachBackend._warned_rounding = True
+            warnings.warn(
+                "backend 'foreach' has no stochastic rounding: bfloat16 averages are rounded with "
+                "the reference path (same result, slower); use backend 'cpu', 'triton' or 'cuda'",
+                stacklevel=5,
+            )
+
+
+BACKEND = ForeachBackend()

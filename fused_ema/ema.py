@@ -1,0 +1,213 @@
+"""The training-loop EMA wrapper: update, evaluate with the average, checkpoint and resume."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from fused_ema import backends
+from fused_ema import rules as rules_module
+from fused_ema.modules import Binding, clone_module, unwrap
+from fused_ema.rounding import rounding_key
+
+
+class EMA(nn.Module):
+    """An exponential moving average of a model's weights, updated in one fused call per step.
+
+    ``ema.module`` is the averaged copy (``ema(x)`` runs it). Each ``update()`` applies
+    ``average <- average + w * (model - average)`` with ``w = rule(n)``, ``n`` the number of
+    averaging updates so far; ``rule`` defaults to ``rules.EMA(decay)``. The first
+    ``update_after_step`` steps copy the model instead, and afterwards only every
+    ``update_every``-th step averages. Floating buffers are averaged with ``include_buffers``
+    (else copied), integer buffers are always copied. A sequence of rules (or of decays) keeps one
+    average per rule, all updated in the same pass over the model (``ema.averages[k]``).
+
+    bfloat16 averages are rounded stochastically by default (``stochastic_rounding=None``), with
+    bits that depend only on ``seed`` and the step. ``skip_nonfinite=True`` skips an update whose
+    model holds inf or nan (counted in ``skipped_updates``, with a warning).
+
+    Example::
+
+        ema = fused_ema.EMA(model, decay=0.999)
+        for step, batch in enumerate(loader):
+            train_step(model, batch)
+            ema.update()
+        with ema.swap(model):   # model now holds the averaged weights
+            evaluate(model)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float | Sequence[float] = 0.9999,
+        *,
+        rule: rules_module.Rule | Sequence[rules_module.Rule] | None = None,
+        update_after_step: int = 0,
+        update_every: int = 1,
+        device: torch.device | str | int | None = None,
+        dtype: torch.dtype | None = None,
+        include_buffers: bool = True,
+        backend: str = "auto",
+        stochastic_rounding: bool | None = None,
+        seed: int = 0,
+        skip_nonfinite: bool = False,
+    ) -> None:
+        super().__init__()
+        if rule is None:
+            decays = [decay] if isinstance(decay, (int, float)) else list(decay)
+            rule = [rules_module.EMA(d) for d in decays]
+        rule_list = [rule] if isinstance(rule, rules_module.Rule) else list(rule)
+        if not rule_list or not all(isinstance(r, rules_module.Rule) for r in rule_list):
+            raise TypeError(f"rule must be a fused_ema.rules.Rule or a non-empty sequence of them, got {rule!r}")
+        if isinstance(update_after_step, bool) or not isinstance(update_after_step, int) or update_after_step < 0:
+            raise ValueError(f"update_after_step must be an int >= 0, got {update_after_step!r}")
+        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+            raise ValueError(f"update_every must be an int >= 1, got {update_every!r}")
+        self.rules = rule_list
+        self.update_after_step = update_after_step
+        self.update_every = update_every
+        self.include_buffers = include_buffers
+        self.backend = backends.check_name(backend)
+        self.seed = int(seed)
+        self.skip_nonfinite = skip_nonfinite
+        self.__dict__["_model"] = unwrap(model)  # the live model: kept, never registered as a child
+        clones = [clone_module(self._model, device, dtype).requires_grad_(False) for _ in rule_list]
+        self.module = clones[0]  # state_dict keys "module.<name>", as in timm's ModelEmaV3
+        self.extra_averages = nn.ModuleList(clones[1:])
+        if stochastic_rounding is None:
+            stochastic_rounding = any(p.dtype == torch.bfloat16 for p in self.module.parameters())
+        self.stochastic_rounding = bool(stochastic_rounding)
+        self.step = 0  # update() calls so far (or the last step given + 1)
+        self.num_updates = 0  # averaging updates so far: the rules' n
+        self.skipped_updates = 0
+        self._binding = Binding(self.averages, average_buffers=include_buffers, backend=backend)
+        self._stored: list[torch.Tensor] | None = None
+
+    @property
+    def averages(self) -> list[nn.Module]:
+        """The averaged copies, one per rule; ``averages[0]`` is ``module``."""
+        return [self.module, *self.extra_averages]
+
+    @property
+    def rule(self) -> rules_module.Rule:
+        return self.rules[0]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def _live(self, model: nn.Module | None) -> nn.Module:
+        return self._model if model is None else unwrap(model)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module | None = None, step: int | None = None) -> None:
+        """Fold the model's current weights into every average.
+
+        ``step`` (optional) is the training step this update belongs to; by default updates are
+        counted. Steps before ``update_after_step`` copy the model; after it, steps that are not
+        a multiple of ``update_every`` are skipped.
+        """
+        if step is None:
+            step = self.step
+        elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        plan = self._binding.plan(self._live(model))
+        if step < self.update_after_step:
+            weights = [1.0] * len(self.rules)
+        elif step % self.update_every:
+            self.step = step + 1
+            return
+        else:
+            weights = [rule(self.num_updates) for rule in self.rules]
+        if self.skip_nonfinite and not plan.models_finite():
+            self.skipped_updates += 1
+            warnings.warn(f"EMA update at step {step} skipped: the model has inf or nan values", stacklevel=2)
+            self.step = step + 1
+            return
+        keys = None
+        if self.stochastic_rounding:
+            keys = [rounding_key(self.seed, step, index) for index in range(len(self.rules))]
+        plan.lerp_(weights, keys)
+        self.step = step + 1
+        self.num_updates = 0 if step < self.update_after_step else self.num_updates + 1
+
+    def _pairs(self, model: nn.Module | None, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return self._binding.pairs(self._live(model), index)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module | None = None, index: int = 0) -> None:
+        """Write the averaged weights into ``model`` (default: the model given at construction)."""
+        averages, live = self._pairs(model, index)
+        torch._foreach_copy_(live, averages)
+
+    @torch.no_grad()
+    def store(self, model: nn.Module | None = None) -> None:
+        """Keep a copy of the model's weights, to put back with :meth:`restore`."""
+        _, live = self._pairs(model, 0)
+        self._stored = [tensor.clone() for tensor in live]
+
+    @torch.no_grad()
+    def restore(self, model: nn.Module | None = None) -> None:
+        """Put back the weights saved by :meth:`store`."""
+        if self._stored is None:
+            raise RuntimeError("restore() needs a store() first")
+        _, live = self._pairs(model, 0)
+        torch._foreach_copy_(live, self._stored)
+        self._stored = None
+
+    @contextlib.contextmanager
+    def swap(self, model: nn.Module | None = None, index: int = 0) -> Iterator[nn.Module]:
+        """Put the averaged weights into ``model`` for the ``with`` body, then the training ones back.
+
+        Tensors of the same dtype and device are exchanged in place, one tensor at a time, so no
+        second copy of the model is made; the training weights come back bit for bit, also when
+        the body raises. (Where the average has another dtype or device than the model, those
+        tensors' training values are kept aside for the duration.)
+        """
+        live_model = self._live(model)
+        averages, live = self._pairs(live_model, index)
+        same = [(a, m) for a, m in zip(averages, live) if a.dtype == m.dtype and a.device == m.device]
+        other = [(a, m) for a, m in zip(averages, live) if a.dtype != m.dtype or a.device != m.device]
+        with torch.no_grad():
+            kept = [m.clone() for _, m in other]
+            _exchange_(same)
+            for average, tensor in other:
+                tensor.copy_(average)
+        try:
+            yield live_model
+        finally:
+            with torch.no_grad():
+                _exchange_(same)
+                for (_, tensor), saved in zip(other, kept):
+                    tensor.copy_(saved)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "num_updates": self.num_updates,
+            "skipped_updates": self.skipped_updates,
+            "seed": self.seed,
+            "rules": [rule.state_dict() for rule in self.rules],
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if len(state["rules"]) != len(self.rules):
+            raise ValueError(f"checkpoint has {len(state['rules'])} averages, this EMA keeps {len(self.rules)}")
+        for rule, rule_state in zip(self.rules, state["rules"]):
+            rule.load_state_dict(rule_state)
+        self.step = state["step"]
+        self.num_updates = state["num_updates"]
+        self.skipped_updates = state.get("skipped_updates", 0)
+        self.seed = state["seed"]
+
+
+def _exchange_(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Swap the values of each pair in place through a temporary the size of one tensor."""
+    for first, second in pairs:
+        temporary = first.clone()
+        first.copy_(second)
+        second.copy_(temporary)

@@ -1,0 +1,170 @@
+"""Module plumbing shared by the wrappers: unwrap, copy, pair tensors by name, notice changes.
+
+The wrappers pair an averaged copy with the live model by parameter and buffer name, build a
+:class:`~fused_ema.plan.Plan` once, and rebuild it only when something changed: a parameter,
+buffer or submodule was registered anywhere (counted by torch's global registration hooks), a
+buffer object was replaced (``model.to()`` does that without a hook), or another model was passed.
+Storage swaps inside the same tensor (``param.data = t``) are the plan's backends' to notice.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _module
+
+from fused_ema.plan import Plan
+
+_registrations = 0
+
+
+def _count_registration(*_args) -> None:
+    global _registrations
+    _registrations += 1
+
+
+for _register in (
+    _module.register_module_parameter_registration_hook,
+    _module.register_module_buffer_registration_hook,
+    _module.register_module_module_registration_hook,
+):
+    _register(_count_registration)
+
+
+def registration_count() -> int:
+    """How many parameters, buffers and modules were registered in this process so far."""
+    return _registrations
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DataParallel / DistributedDataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def clone_module(
+    model: nn.Module, device: torch.device | str | int | None = None, dtype: torch.dtype | None = None
+) -> nn.Module:
+    """A deep copy of ``model`` for averaging, on ``device``, floating tensors cast to ``dtype``."""
+    clone = copy.deepcopy(model)
+    if device is not None:
+        clone = clone.to(device)
+    if dtype is not None:
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+        clone = clone.to(dtype)  # Module.to(dtype) leaves integer buffers alone
+    return clone
+
+
+def _named(module: nn.Module, buffers: bool) -> dict[str, torch.Tensor]:
+    named = module.named_buffers() if buffers else module.named_parameters()
+    return dict(named)
+
+
+def pair_by_name(
+    averaged: nn.Module, model: nn.Module, buffers: bool
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Tensors of ``averaged`` and ``model`` in matching order; ValueError on the first mismatch."""
+    kind = "buffer" if buffers else "parameter"
+    averaged_tensors, model_tensors = _named(averaged, buffers), _named(model, buffers)
+    for name, tensor in averaged_tensors.items():
+        if name not in model_tensors:
+            raise ValueError(
+                f"the model has no {kind} {name!r} that the average has; pass the model the "
+                "average was made from (or one with the same architecture)"
+            )
+        if model_tensors[name].shape != tensor.shape:
+            raise ValueError(
+                f"{kind} {name!r} has shape {tuple(model_tensors[name].shape)} in the model but "
+                f"{tuple(tensor.shape)} in the average"
+            )
+    for name in model_tensors:
+        if name not in averaged_tensors:
+            raise ValueError(f"the model has a {kind} {name!r} that the average lacks")
+    names = list(averaged_tensors)
+    return [averaged_tensors[n] for n in names], [model_tensors[n] for n in names]
+
+
+def _buffer_slots(modules: Sequence[nn.Module]) -> list[tuple[dict, str, torch.Tensor]]:
+    return [
+        (submodule._buffers, name, buffer)
+        for module in modules
+        for submodule in module.modules()
+        for name, buffer in submodule._buffers.items()
+        if buffer is not None
+    ]
+
+
+class Binding:
+    """The plan that updates ``averaged`` modules from one live model, rebuilt only on change.
+
+    ``average_buffers``: floating buffers are averaged like parameters; otherwise every buffer is
+    copied from the model on each update (torch's ``use_buffers=False``).
+    """
+
+    def __init__(self, averaged: Sequence[nn.Module], *, average_buffers: bool, backend: str) -> None:
+        self.averaged = list(averaged)
+        self.average_buffers = average_buffers
+        self.backend = backend
+        self._model: nn.Module | None = None
+        self._plan: Plan | None = None
+
+    def plan(self, model: nn.Module) -> Plan:
+        """The plan for ``model``: cached while nothing was registered or replaced."""
+        if (
+            self._plan is None
+            or model is not self._model
+            or self._registrations != _registrations
+            or not all(slots.get(name) is buffer for slots, name, buffer in self._slots)
+        ):
+            self._plan = self._build(model)
+        return self._plan
+
+    def pairs(self, model: nn.Module, index: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(averaged, live) floating tensors that hold the average: for swap and copy_to."""
+        averages, models = pair_by_name(self.averaged[index], model, buffers=False)
+        if self.average_buffers:
+            buffers, model_buffers = pair_by_name(self.averaged[index], model, buffers=True)
+            floating = [i for i, b in enumerate(buffers) if b.is_floating_point()]
+            averages += [buffers[i] for i in floating]
+            models += [model_buffers[i] for i in floating]
+        return averages, models
+
+    def _build(self, model: nn.Module) -> Plan:
+        tensors = self._collect(model)
+        if self._plan is None or any(
+            len(new) != len(old) or any(a is not b for a, b in zip(new, old))
+            for new, old in zip(tensors, self._tensors)
+        ):
+            average_sets, models, copy_targets, copy_sources = tensors[:-3], tensors[-3], tensors[-2], tensors[-1]
+            self._plan = Plan(average_sets, models, backend=self.backend, copies=(copy_targets, copy_sources))
+        self._tensors = tensors
+        self._model, self._registrations = model, _registrations
+        self._slots = _buffer_slots([model, *self.averaged])
+        return self._plan
+
+    def _collect(self, model: nn.Module) -> list[list[torch.Tensor]]:
+        """[averages of set 0, ..., averages of set K-1, models, copy targets, copy sources]."""
+        average_sets, models, copy_targets, copy_sources = [], [], [], []
+        for index, averaged in enumerate(self.averaged):
+            averages, models = pair_by_name(averaged, model, buffers=False)
+            buffers, model_buffers = pair_by_name(averaged, model, buffers=True)
+            if self.average_buffers:
+                averages, models = averages + buffers, models + model_buffers
+            else:
+                copy_targets += buffers
+                copy_sources += model_buffers
+            average_sets.append(averages)
+        return [*average_sets, models, copy_targets, copy_sources]
+
+    def __getstate__(self) -> dict:
+        # A copy (deepcopy, pickle) rebuilds its plan on first use: tables hold tensor handles.
+        return {**self.__dict__, "_plan": None, "_model": None, "_tensors": None, "_slots": []}

@@ -1,0 +1,224 @@
+"""The tensor tables of one update: (average, model) pairs grouped so each group is one fused call.
+
+A plan is built once per averaged model and reused for every update. It knows how tensors are
+grouped and nothing of the math: the weight arrives from the caller, the kernels from the backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fused_ema import backends
+
+
+class StalePlanError(RuntimeError):
+    """Raised by a backend, before it writes anything, when a tensor changed dtype, device or layout."""
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The plain tensor behind a parameter: the local shard of a DTensor, else the tensor itself.
+
+    Not a ``detach()``ed view: ``param.data = t`` swaps the storage of the parameter object, and
+    only a handle on that object sees the swap.
+    """
+    local = getattr(tensor, "_local_tensor", None)  # DTensor keeps its shard here; no collective
+    return local if local is not None else tensor
+
+
+def is_dense(tensor: torch.Tensor) -> bool:
+    return torch._prims_common.is_non_overlapping_and_dense_or_false(tensor)
+
+
+@dataclass(eq=False)
+class Group:
+    """Pairs that share devices and dtypes: one backend call updates all of them.
+
+    ``averages[k][i]`` is pair ``i`` of average set ``k``; every set shares ``models``.
+    ``fusable`` means every pair is dense with identical strides on one device, so a kernel may
+    treat each tensor as flat memory. ``cache`` belongs to the backend (its chunk table, say).
+    """
+
+    device: torch.device
+    model_device: torch.device
+    average_dtype: torch.dtype
+    model_dtype: torch.dtype
+    averages: list[list[torch.Tensor]]
+    models: list[torch.Tensor]
+    tensor_indices: list[int]
+    fusable: bool
+    backend: Any = None
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def numel(self) -> int:
+        return sum(model.numel() for model in self.models)
+
+    def unchanged(self) -> bool:
+        """Cheap check that no tensor changed dtype or device since the plan was built."""
+        average_dtype, model_dtype = self.average_dtype, self.model_dtype
+        return all(m.dtype == model_dtype and m.device == self.model_device for m in self.models) and all(
+            a.dtype == average_dtype and a.device == self.device for averages in self.averages for a in averages
+        )
+
+
+def _describe(tensor: torch.Tensor) -> str:
+    return f"{tuple(tensor.shape)} {str(tensor.dtype).replace('torch.', '')} on {tensor.device}"
+
+
+def check_pairs(average_sets: Sequence[Sequence[torch.Tensor]], models: Sequence[torch.Tensor]) -> None:
+    """Raise ValueError/TypeError naming the first pair that cannot be averaged."""
+    for set_index, averages in enumerate(average_sets):
+        name = "averages" if len(average_sets) == 1 else f"averages[{set_index}]"
+        if len(averages) != len(models):
+            raise ValueError(
+                f"{name} has {len(averages)} tensors but models has {len(models)}: "
+                "pass one average tensor per model tensor, in the same order"
+            )
+        for index, (average, model) in enumerate(zip(averages, models)):
+            if not isinstance(average, torch.Tensor) or not isinstance(model, torch.Tensor):
+                raise TypeError(f"{name}[{index}] and models[{index}] must be tensors")
+            if average.shape != model.shape:
+                raise ValueError(
+                    f"{name}[{index}] is {_describe(average)} but models[{index}] is {_describe(model)}: "
+                    "shapes must match"
+                )
+            if model.is_floating_point() and not average.is_floating_point():
+                raise TypeError(
+                    f"{name}[{index}] is {_describe(average)}: an average of a floating-point tensor "
+                    "must be floating-point (float32, float64, float16 or bfloat16)"
+                )
+            if not model.is_floating_point() and average.is_floating_point():
+                raise TypeError(
+                    f"models[{index}] is {_describe(model)}: a floating-point average needs a "
+                    "floating-point model tensor"
+                )
+            if set_index and average.dtype != average_sets[0][index].dtype:
+                raise TypeError(
+                    f"{name}[{index}] is {average.dtype} but averages[0][{index}] is "
+                    f"{average_sets[0][index].dtype}: every average set must share dtypes"
+                )
+
+
+def check_weights(weights: Sequence[float]) -> list[float]:
+    checked = []
+    for weight in weights:
+        if isinstance(weight, torch.Tensor):
+            raise TypeError(
+                "weight must be a Python float, not a tensor: reading a device tensor back would "
+                "synchronise; compute the weight on the host (see fused_ema.rules)"
+            )
+        weight = float(weight)
+        if not 0.0 <= weight <= 1.0:  # also rejects nan
+            raise ValueError(f"weight must be in [0, 1], got {weight}")
+        checked.append(weight)
+    return checked
+
+
+class Plan:
+    """Groups of (average, model) pairs for one averaged model, built once and reused.
+
+    Floating pairs are grouped by (device, average dtype, model dtype); each group is run by the
+    backend that ``backend`` resolves to for it. Integer and bool pairs (BatchNorm's
+    ``num_batches_tracked``) are copied, never averaged, and so is every pair in ``copies``
+    (``(targets, sources)``: buffers kept in sync rather than averaged).
+    """
+
+    def __init__(
+        self,
+        average_sets: Sequence[Sequence[torch.Tensor]],
+        models: Sequence[torch.Tensor],
+        *,
+        backend: str = "auto",
+        copies: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]] = ((), ()),
+    ) -> None:
+        check_pairs(average_sets, models)
+        if len(copies[0]) != len(copies[1]):
+            raise ValueError(f"copies has {len(copies[0])} targets but {len(copies[1])} sources")
+        self.backend = backends.check_name(backend)
+        self.average_sets = [[local_tensor(t) for t in averages] for averages in average_sets]
+        self.models = [local_tensor(t) for t in models]
+        self.extra_copies = ([local_tensor(t) for t in copies[0]], [local_tensor(t) for t in copies[1]])
+        self._build()
+
+    def _build(self) -> None:
+        grouped: dict[tuple, Group] = {}
+        copy_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for index, model in enumerate(self.models):
+            averages = [average_set[index] for average_set in self.average_sets]
+            if not model.is_floating_point():
+                copy_pairs.extend((average, model) for average in averages)
+                continue
+            first = averages[0]
+            fusable = (
+                first.device == model.device
+                and is_dense(model)
+                and all(a.stride() == model.stride() and is_dense(a) for a in averages)
+            )
+            key = (first.device, model.device, first.dtype, model.dtype, fusable)
+            group = grouped.get(key)
+            if group is None:
+                group = grouped[key] = Group(
+                    first.device, model.device, first.dtype, model.dtype,
+                    [[] for _ in averages], [], [], fusable,
+                )
+            for average_list, average in zip(group.averages, averages):
+                average_list.append(average)
+            group.models.append(model)
+            group.tensor_indices.append(index)
+        for group in grouped.values():
+            group.backend = backends.resolve(self.backend, group)
+        self.groups = list(grouped.values())
+        self.copy_targets = [average for average, _ in copy_pairs] + self.extra_copies[0]
+        self.copy_sources = [model for _, model in copy_pairs] + self.extra_copies[1]
+
+    @property
+    def backend_names(self) -> list[str]:
+        """The backend each group runs on, e.g. ``['cpu']``."""
+        return [group.backend.name for group in self.groups]
+
+    @torch.no_grad()
+    def lerp_(self, weights: Sequence[float], rounding_keys: Sequence[int] | None = None) -> None:
+        """``average_k += weights[k] * (model - average_k)`` for every pair, in one call per group."""
+        if len(weights) != len(self.average_sets):
+            raise ValueError(f"got {len(weights)} weights for {len(self.average_sets)} average sets")
+        weights = check_weights(weights)
+        try:
+            self._run(weights, rounding_keys)
+        except StalePlanError:
+            # A tensor changed dtype, device or layout (model.to(...)): regroup, then run from the
+            # start. Backends raise before writing anything, so no pair is updated twice.
+            self._build()
+            self._run(weights, rounding_keys)
+
+    def _run(self, weights: list[float], rounding_keys: Sequence[int] | None) -> None:
+        if any(group.backend.is_stale(group) for group in self.groups):
+            raise StalePlanError
+        for group in self.groups:
+            group.backend.lerp_(group, weights, rounding_keys)
+        self.copy_()
+
+    @torch.no_grad()
+    def copy_(self) -> None:
+        """Copy the pairs that are kept in sync rather than averaged (integer and listed buffers)."""
+        if self.copy_targets:
+            torch._foreach_copy_(self.copy_targets, self.copy_sources)
+
+    @torch.no_grad()
+    def models_finite(self) -> torch.Tensor | bool:
+        """Whether every floating model tensor is finite: a bool on the CPU, else a device tensor."""
+        flags = [
+            torch.stack(torch._foreach_norm(group.models, float("inf"))).isfinite().all()
+            for group in self.groups
+            if group.models
+        ]
+        if not flags:
+            return True
+        devices = {flag.device for flag in flags}
+        if len(devices) > 1:
+            flags = [flag.to(self.groups[0].model_device, non_blocking=True) for flag in flags]
+        finite = torch.stack(flags).all()
+        return bool(finite) if finite.device.type == "cpu" else finite

@@ -1,0 +1,204 @@
+"""Averaging rules: host-side math that turns the update count into the weight of the next update.
+
+Every rule maps ``step`` (the number of averaging updates already applied, 0 for the first) to the
+weight ``w`` of ``average <- average + w * (model - average)``, i.e. ``w = 1 - decay``. Rules hold
+no tensors, so computing a weight never touches a device. A new rule is a subclass with one method::
+
+    class Halving(Rule):
+        def weight(self, step: int) -> float:
+            return 0.5
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def _check_unit(name: str, value: float) -> float:
+    value = float(value)
+    if not 0.0 <= value <= 1.0:  # also rejects nan
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return value
+
+
+def _check_positive(name: str, value: float) -> float:
+    value = float(value)
+    if not value > 0.0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+class Rule:
+    """Base class: override :meth:`weight`. Call the rule (``rule(step)``) to get a checked weight."""
+
+    def weight(self, step: int) -> float:
+        """The weight of the update that follows ``step`` earlier updates."""
+        raise NotImplementedError
+
+    def __call__(self, step: int) -> float:
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int (the number of updates so far), got {step!r}")
+        weight = float(self.weight(step))
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"{type(self).__name__}.weight({step}) returned {weight}, outside [0, 1]")
+        return weight
+
+    def state_dict(self) -> dict[str, Any]:
+        """The rule's hyperparameters (a rule keeps no other state: the step is the wrapper's)."""
+        return {"rule": type(self).__name__, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        name = state.pop("rule", type(self).__name__)
+        if name != type(self).__name__:
+            raise ValueError(f"this state belongs to rule {name}, not {type(self).__name__}")
+        fresh = type(self)(**state)  # re-validates
+        vars(self).update(vars(fresh))
+
+    def __repr__(self) -> str:
+        arguments = ", ".join(f"{k}={v!r}" for k, v in self.state_dict().items() if k != "rule")
+        return f"{type(self).__name__}({arguments})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.state_dict() == other.state_dict()
+
+
+class EMA(Rule):
+    """Constant decay: ``w = 1 - decay`` (ModelEmaV2 in timm, torch's ``get_ema_multi_avg_fn``)."""
+
+    def __init__(self, decay: float = 0.9999) -> None:
+        self.decay = _check_unit("decay", decay)
+
+    def weight(self, step: int) -> float:
+        return 1.0 - self.decay
+
+
+class WarmupEMA(Rule):
+    """EMA whose decay warms up: ``decay_t = 1 - (1 + t / inv_gamma) ** -power``, clamped to
+    ``[min_decay, decay]``, and 0 (a copy) at ``t = 0``.
+
+    From timm's ModelEmaV3, diffusers' EMAModel and ema-pytorch. ``power = 2/3`` suits short
+    runs, ``3/4`` long ones (decay 0.999 at ~10K steps, 0.9999 at ~215K).
+    """
+
+    def __init__(self, decay: float = 0.9999, inv_gamma: float = 1.0, power: float = 2 / 3, min_decay: float = 0.0) -> None:
+        self.decay = _check_unit("decay", decay)
+        self.inv_gamma = _check_positive("inv_gamma", inv_gamma)
+        self.power = _check_positive("power", power)
+        self.min_decay = _check_unit("min_decay", min_decay)
+        if self.min_decay > self.decay:
+            raise ValueError(f"min_decay ({min_decay}) must not exceed decay ({decay})")
+
+    def weight(self, step: int) -> float:
+        if step == 0:
+            return 1.0
+        decay = 1.0 - (1.0 + step / self.inv_gamma) ** -self.power
+        return 1.0 - min(max(decay, self.min_decay), self.decay)
+
+
+class RampEMA(Rule):
+    """Exponential ramp: ``decay_t = decay * (1 - exp(-(t + 1) / tau))`` (YOLOv5/v8 ModelEMA, whose
+    update counter already counts the update being made)."""
+
+    def __init__(self, decay: float = 0.9999, tau: float = 2000.0) -> None:
+        self.decay = _check_unit("decay", decay)
+        self.tau = _check_positive("tau", tau)
+
+    def weight(self, step: int) -> float:
+        return 1.0 - self.decay * (1.0 - math.exp(-(step + 1) / self.tau))
+
+
+class BiasCorrectedEMA(Rule):
+    """Adam-style debiased EMA: after ``t`` updates the average is
+    ``sum_i beta^(t-i) (1 - beta) w_i / (1 - beta^t)``, which is the lerp weight
+    ``(1 - beta) / (1 - beta^(step + 1))`` (1 at the first update: no pull towards the initial copy)."""
+
+    def __init__(self, decay: float = 0.999) -> None:
+        self.decay = _check_unit("decay", decay)
+
+    def weight(self, step: int) -> float:
+        if self.decay == 1.0:
+            return 1.0 / (step + 1)  # the limit as decay -> 1: equal averaging
+        return (1.0 - self.decay) / (1.0 - self.decay ** (step + 1))
+
+
+class SWA(Rule):
+    """Equal averaging of every model seen: ``w = 1 / (step + 1)`` (torch's default AveragedModel)."""
+
+    def weight(self, step: int) -> float:
+        return 1.0 / (step + 1)
+
+
+class TADEMA(Rule):
+    """Tanh-adaptive EMA (T_ADEMA): ``decay_t = alpha * tanh(t)``, ``t`` the updates so far.
+
+    Starts as a copy (tanh 0 = 0) and reaches ``alpha`` within a few updates, so the average
+    forgets its random start quickly and then averages like an EMA with decay ``alpha``.
+    """
+
+    def __init__(self, alpha: float = 0.999) -> None:
+        self.alpha = _check_unit("alpha", alpha)
+
+    def weight(self, step: int) -> float:
+        return 1.0 - self.alpha * math.tanh(step)
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """The exponent ``gamma`` of the power EMA with relative standard deviation ``sigma_rel``.
+
+    Karras et al. 2024 (EDM2), eq. 3: ``sigma_rel = sqrt((g + 1) / ((g + 2)^2 (g + 3)))``, i.e. the
+    largest real root of ``g^3 + 7 g^2 + (16 - t) g + (12 - t)`` with ``t = sigma_rel ** -2``.
+    """
+    sigma_rel = _check_positive("sigma_rel", sigma_rel)
+    t = sigma_rel**-2
+    if t <= 12.0:  # then the largest root is <= -1: no power EMA has this width
+        raise ValueError(f"sigma_rel must be < {12 ** -0.5:.4f} (gamma > -1), got {sigma_rel}")
+    gamma = max(t, 1.0)  # above the largest root the cubic is convex and increasing: Newton descends
+    for _ in range(200):
+        value = ((gamma + 7.0) * gamma + (16.0 - t)) * gamma + (12.0 - t)
+        slope = (3.0 * gamma + 14.0) * gamma + (16.0 - t)
+        step = value / slope
+        gamma -= step
+        if abs(step) <= 1e-15 * max(1.0, abs(gamma)):
+            break
+    return gamma
+
+
+class PowerEMA(Rule):
+    """Power-function EMA of Karras et al. (EDM2): ``decay_t = (1 - 1 / (t + 1)) ** (gamma + 1)``.
+
+    The average weighs the model at time ``tau`` in proportion to ``tau ** gamma``, so its width
+    scales with training length. Give ``gamma`` or ``sigma_rel`` (EDM2 uses 0.05 to 0.10).
+    """
+
+    def __init__(self, gamma: float | None = None, sigma_rel: float | None = None) -> None:
+        if (gamma is None) == (sigma_rel is None):
+            raise ValueError("give exactly one of gamma or sigma_rel")
+        if sigma_rel is not None:
+            gamma = sigma_rel_to_gamma(sigma_rel)
+        gamma = float(gamma)
+        if not gamma > -1.0:
+            raise ValueError(f"gamma must be > -1, got {gamma}")
+        self.gamma = gamma
+        self.sigma_rel = None if sigma_rel is None else float(sigma_rel)
+
+    def weight(self, step: int) -> float:
+        return 1.0 - (1.0 - 1.0 / (step + 1)) ** (self.gamma + 1.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        del state["sigma_rel" if self.sigma_rel is None else "gamma"]
+        return state
+
+
+RULES = {rule.__name__: rule for rule in (EMA, WarmupEMA, RampEMA, BiasCorrectedEMA, SWA, TADEMA, PowerEMA)}
+
+
+def from_state_dict(state: dict[str, Any]) -> Rule:
+    """Rebuild a built-in rule from :meth:`Rule.state_dict`."""
+    state = dict(state)
+    name = state.pop("rule", None)
+    if name not in RULES:
+        raise ValueError(f"unknown rule {name!r}; built-in rules are {', '.join(RULES)}")
+    return RULES[name](**state)
