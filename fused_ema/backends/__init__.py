@@ -73,7 +73,7 @@ class _Unavailable(Backend):
 
 
 _loaded: dict[str, Backend] = {}
-_warned: set[tuple[str, str]] = set()
+_warned: set[object] = set()
 
 
 def get(name: str) -> Backend:
@@ -113,11 +113,19 @@ def resolve(name: str, group: Group) -> Backend:
     """
     if name == "auto":
         name = os.environ.get(ENVIRONMENT_VARIABLE, "auto")
-        check_name(name)
+        if name not in NAMES:
+            raise ValueError(
+                f"{ENVIRONMENT_VARIABLE}={name!r} is not a backend: backend must be one of "
+                f"{', '.join(map(repr, NAMES))}; unset it to let 'auto' choose"
+            )
     if name == "auto":
-        for candidate in AUTO_ORDER.get(group.device.type, ("foreach",)):
+        order = AUTO_ORDER.get(group.device.type, ("foreach",))
+        for candidate in order:
             backend = get(candidate)
             if backend.unavailable_reason() is None and backend.cannot_run(group) is None:
+                if candidate != order[0] and get(order[0]).unavailable_reason() is not None:
+                    _warn_once(order[0], f"backend {order[0]!r} is not available ({get(order[0]).unavailable_reason()}); "
+                               f"'auto' uses {candidate!r} instead (same result, slower)")
                 return backend
         return get("foreach")
     backend = get(name)
@@ -131,11 +139,12 @@ def resolve(name: str, group: Group) -> Backend:
         raise RuntimeError(
             f"backend {name!r} cannot update these tensors: {reason}; use backend='auto' or 'foreach'"
         )
-    if (name, reason) not in _warned:
-        _warned.add((name, reason))
-        warnings.warn(
-            f"backend {name!r} cannot fuse some tensors ({reason}); they are updated with "
-            "backend 'foreach' instead (same result, slower)",
-            stacklevel=4,
-        )
+    _warn_once((name, reason), f"backend {name!r} cannot fuse some tensors ({reason}); they are updated "
+               "with backend 'foreach' instead (same result, slower)")
     return get("foreach")
+
+
+def _warn_once(key: object, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=5)

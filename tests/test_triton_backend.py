@@ -1,0 +1,298 @@
+"""The "triton" backend against "reference": Triton's interpreter on CPU tensors, no GPU needed.
+
+Triton decides at ``@triton.jit`` time whether a kernel is interpreted (TRITON_INTERPRET read when
+the kernel is *defined*, not when triton is imported or the kernel launched). The suite's conftest
+has already imported ``fused_ema.backends.triton`` normally (compiled kernels, unavailable without
+a GPU), so this file loads a second, private copy of that module with TRITON_INTERPRET=1 set only
+while it is defined, and swaps it into the registry per test. Other tests never see it.
+
+The kernel is also compiled (not run) for sm_80 and sm_90 with Triton's bundled ptxas, which needs
+no GPU: a kernel that only the interpreter accepts cannot land.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import fused_ema  # noqa: E402
+from fused_ema import backends  # noqa: E402
+from fused_ema.backends import chunk_table  # noqa: E402
+from fused_ema.plan import Plan  # noqa: E402
+from fused_ema.rounding import rounding_key  # noqa: E402
+
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+GPU_CHUNK_ELEMENTS = chunk_table.CHUNK_ELEMENTS  # before the fixture below shrinks it
+
+
+def _load_interpreted_module():
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the whole run is interpreted already
+        return importlib.import_module("fused_ema.backends.triton")
+    spec = importlib.util.find_spec("fused_ema.backends.triton")
+    module = importlib.util.module_from_spec(
+        importlib.util.spec_from_file_location("_fused_ema_triton_interpreted", spec.origin)
+    )
+    sys.modules[module.__name__] = module  # torch.compile re-imports what it traces by name
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        module.__spec__.loader.exec_module(module)
+    finally:
+        del os.environ["TRITON_INTERPRET"]
+    return module
+
+
+interpreted = _load_interpreted_module()
+
+
+@pytest.fixture(autouse=True)
+def interpreted_triton(monkeypatch):
+    """backend='triton' resolves to the interpreted copy for the duration of one test."""
+    monkeypatch.setitem(backends._loaded, "triton", interpreted.BACKEND)
+    # Small chunks: tensors of a few hundred elements then span several chunks and a masked tail.
+    monkeypatch.setattr(chunk_table, "CHUNK_ELEMENTS", 64)
+    yield
+
+
+SHAPES = [(), (1,), (5,), (64,), (3, 70), (0, 4), (2, 3, 40)]
+
+
+def _pairs(average_dtype, model_dtype, sets, shapes=SHAPES, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    models = [torch.randn(shape, generator=generator, dtype=torch.float64).to(model_dtype) for shape in shapes]
+    average_sets = [
+        [(m.double() + 0.05 * torch.randn(m.shape, generator=generator, dtype=torch.float64)).to(average_dtype)
+         for m in models]
+        for _ in range(sets)
+    ]
+    return average_sets, models
+
+
+def _clone(average_sets):
+    return [[a.clone() for a in averages] for averages in average_sets]
+
+
+def _assert_bitwise_equal(actual_sets, expected_sets):
+    # Exact, not close: the kernel uses the reference's formula with one fma and one rounding, and
+    # stochastic rounding must be bit-identical by contract (fused_ema/rounding.py).
+    for k, (actual, expected) in enumerate(zip(actual_sets, expected_sets)):
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert a.dtype == e.dtype and a.shape == e.shape
+            same = (a == e) | (a.isnan() & e.isnan())
+            assert bool(same.all()), f"set {k} tensor {i}: {int((~same).sum())} of {a.numel()} elements differ"
+
+
+def _update(average_sets, models, weights, backend, keys):
+    plan = Plan(average_sets, models, backend=backend)
+    plan.lerp_(weights, keys)
+    return plan
+
+
+def test_available_under_the_interpreter_only_for_cpu_tensors():
+    assert interpreted.BACKEND.unavailable_reason() is None
+    assert interpreted.BACKEND.device_types == ("cuda", "cpu")
+    assert "triton" not in backends.AUTO_ORDER["cpu"]
+    average_sets, models = _pairs(torch.float32, torch.float32, 1)
+    assert "triton" not in Plan(average_sets, models, backend="auto").backend_names
+
+
+@pytest.mark.parametrize("model_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("average_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+def test_matches_reference_bitwise(average_dtype, model_dtype, stochastic):
+    average_sets, models = _pairs(average_dtype, model_dtype, sets=1)
+    expected = _clone(average_sets)
+    keys = [rounding_key(7, 3)] if stochastic else None
+    plan = _update(average_sets, models, [0.3], "triton", keys)
+    assert plan.backend_names == ["triton"]
+    _update(expected, models, [0.3], "reference", keys)
+    _assert_bitwise_equal(average_sets, expected)
+
+
+@pytest.mark.parametrize("average_dtype,model_dtype", [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+    (torch.float16, torch.float64),
+], ids=str)
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+def test_several_sets_in_one_launch(average_dtype, model_dtype, stochastic):
+    weights = [0.0, 0.25, 0.5, 0.999, 1.0]  # both branches of ATen's formula, and the ends
+    average_sets, models = _pairs(average_dtype, model_dtype, sets=len(weights))
+    expected = _clone(average_sets)
+    keys = [rounding_key(1, 2, k) for k in range(len(weights))] if stochastic else None
+    _update(average_sets, models, weights, "triton", keys)
+    _update(expected, models, weights, "reference", keys)
+    _assert_bitwise_equal(average_sets, expected)
+    if average_dtype == model_dtype and not stochastic:
+        for average, model in zip(average_sets[-1], models):  # weight 1 copies the model exactly
+            assert torch.equal(average, model)
+
+
+def test_stochastic_rounding_follows_memory_order_of_transposed_tensors():
+    generator = torch.Generator().manual_seed(3)
+    models = [torch.randn(40, 30, generator=generator).t(), torch.randn(3, 50, generator=generator)]
+    averages = [m.to(torch.bfloat16) for m in models]  # .to keeps the transposed strides
+    assert averages[0].stride() == models[0].stride() == (1, 30)
+    expected = _clone([averages])
+    _update([averages], models, [0.01], "triton", [rounding_key(5, 9)])
+    _update(expected, models, [0.01], "reference", [rounding_key(5, 9)])
+    _assert_bitwise_equal([averages], expected)
+
+
+def test_non_finite_values():
+    models = [torch.tensor([float("inf"), float("-inf"), float("nan"), 1.0, 3.0e38, -3.0e38] * 20)]
+    averages = [torch.tensor([0.0, 1.0, 2.0, float("nan"), 3.0e38, -3.0e38] * 20, dtype=torch.bfloat16)]
+    expected = _clone([averages])
+    _update([averages], models, [0.5], "triton", [rounding_key(0, 1)])
+    _update(expected, models, [0.5], "reference", [rounding_key(0, 1)])
+    _assert_bitwise_equal([averages], expected)
+
+
+def test_weights_change_between_updates():
+    average_sets, models = _pairs(torch.float32, torch.float32, sets=1)
+    expected = _clone(average_sets)
+    plan = Plan(average_sets, models, backend="triton")
+    reference = Plan(expected, models, backend="reference")
+    for weight in (0.1, 0.7, 0.0, 1.0, 0.31):
+        plan.lerp_([weight])
+        reference.lerp_([weight])
+        _assert_bitwise_equal(average_sets, expected)
+
+
+def test_table_rebuilt_after_storage_swap():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 30), torch.nn.Linear(30, 3))
+    averages = [p.detach().clone() for p in model.parameters()]
+    expected = _clone([averages])
+    parameters = list(model.parameters())
+    plan = Plan([averages], parameters, backend="triton")
+    reference = Plan(expected, parameters, backend="reference")
+    plan.lerp_([0.5])
+    reference.lerp_([0.5])
+    table = plan.groups[0].cache["chunk_table"]
+    with torch.no_grad():
+        parameters[0].data = torch.randn_like(parameters[0])  # new storage, same tensor object
+        averages[1].data = averages[1].clone()  # the average side can be swapped too
+        expected[0][1].data = expected[0][1].clone()
+    plan.lerp_([0.25])
+    reference.lerp_([0.25])
+    assert plan.groups[0].cache["chunk_table"] is table  # rebuilt in place, not regrouped
+    assert table.pointers[0] == parameters[0].data_ptr()
+    _assert_bitwise_equal([averages], expected)
+
+
+def test_dtype_swap_regroups():
+    model = torch.nn.Linear(8, 30)
+    averages = [p.detach().clone() for p in model.parameters()]
+    expected = _clone([averages])
+    parameters = list(model.parameters())
+    plan = Plan([averages], parameters, backend="triton")
+    plan.lerp_([0.5])
+    Plan(expected, parameters, backend="reference").lerp_([0.5])
+    model.to(torch.bfloat16)  # swaps every storage for one of another dtype
+    assert interpreted.BACKEND.is_stale(plan.groups[0])
+    plan.lerp_([0.5])
+    Plan(expected, parameters, backend="reference").lerp_([0.5])
+    assert [g.model_dtype for g in plan.groups] == [torch.bfloat16]
+    _assert_bitwise_equal([averages], expected)
+
+
+def test_layout_swap_is_stale():
+    model = torch.randn(6, 8)
+    averages = [model.clone()]
+    plan = Plan([averages], [model], backend="triton")
+    plan.lerp_([0.5])
+    model.data = torch.randn(8, 6).t()  # dense but strides no longer match the average's
+    assert interpreted.BACKEND.is_stale(plan.groups[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the regrouped pair is not fusable: foreach, with a warning
+        plan.lerp_([0.5])
+    assert plan.backend_names == ["foreach"]
+
+
+def test_functional_api():
+    average_sets, models = _pairs(torch.bfloat16, torch.float32, sets=2)
+    expected = _clone(average_sets)
+    fused_ema.multi_lerp_(average_sets, models, [0.1, 0.01], backend="triton", stochastic_rounding=True,
+                          seed=4, step=11)
+    fused_ema.multi_lerp_(expected, models, [0.1, 0.01], backend="reference", stochastic_rounding=True,
+                          seed=4, step=11)
+    _assert_bitwise_equal(average_sets, expected)
+
+
+def test_custom_op_matches_reference():
+    """The list-taking op that torch.compile traces (averages set-major, like the C++ op)."""
+    average_sets, models = _pairs(torch.bfloat16, torch.float32, sets=2)
+    expected = _clone(average_sets)
+    keys = [rounding_key(1, 1, 0), rounding_key(1, 1, 1)]
+    flat = [a for averages in average_sets for a in averages]
+    interpreted.multi_lerp_op(flat, models, [0.2, 0.02], list(range(len(models))), keys)
+    _update(expected, models, [0.2, 0.02], "reference", keys)
+    _assert_bitwise_equal(average_sets, expected)
+
+
+def test_compiled_update_keeps_one_graph():
+    average_sets, models = _pairs(torch.float32, torch.bfloat16, sets=1, shapes=[(5,), (3, 70)])
+    expected = _clone(average_sets)
+    plan = Plan(average_sets, models, backend="triton")
+
+    @torch.compile(backend="aot_eager", fullgraph=True)  # fullgraph: a graph break raises
+    def step(weight):
+        plan.lerp_([weight])
+
+    torch._dynamo.reset()
+    step(0.3)
+    Plan(expected, models, backend="reference").lerp_([0.3])
+    _assert_bitwise_equal(average_sets, expected)
+
+
+# --- compiled for real GPUs (no GPU needed: Triton ships ptxas) --------------------------------
+
+COMPILE_CASES = [
+    # average, model, sets, stochastic
+    (torch.float32, torch.float32, 1, False),
+    (torch.bfloat16, torch.float32, 2, True),
+    (torch.float32, torch.bfloat16, 1, False),
+    (torch.float64, torch.float16, 1, False),
+    (torch.float16, torch.float64, 3, False),
+]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="needs the compiled kernel")
+@pytest.mark.parametrize("capability", [80, 90])
+def test_kernel_compiles_for_gpus(capability):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    from fused_ema.backends import triton as compiled
+
+    kernel = compiled._multi_lerp_kernel
+    names = kernel.arg_names
+    for average_dtype, model_dtype, sets, stochastic in COMPILE_CASES:
+        type_names = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}
+        signature = {name: "constexpr" for name in names}
+        signature.update(model_base_ptr=f"*{type_names[model_dtype]}",
+                         average_base_ptr=f"*{type_names[average_dtype]}",
+                         tensors_ptr="*i64", chunks_ptr="*i64", step_args_ptr="*i64")
+        constants = dict(
+            AVERAGE_DTYPE=compiled._TORCH_TO_TRITON[average_dtype],
+            MODEL_DTYPE=compiled._TORCH_TO_TRITON[model_dtype],
+            WIDE=torch.float64 in (average_dtype, model_dtype), SETS=sets, STOCHASTIC=stochastic,
+            MODEL_ALIGNMENT=16 // model_dtype.itemsize, AVERAGE_ALIGNMENT=16 // average_dtype.itemsize,
+            BLOCK=GPU_CHUNK_ELEMENTS,
+        )
+        pointers = ("model_base_ptr", "average_base_ptr", "tensors_ptr", "chunks_ptr", "step_args_ptr")
+        source = ASTSource(
+            fn=kernel, signature=signature,
+            constexprs={(names.index(name),): value for name, value in constants.items()},
+            attrs={(names.index(name),): [["tt.divisibility", 16]] for name in pointers},
+        )
+        binary = compile(source, target=GPUTarget("cuda", capability, 32), options={"enable_fp_fusion": False})
+        ptx = binary.asm["ptx"]
+        assert "fma.rn.f" in ptx
+        # Aligned full chunks use 16-byte accesses: the point of the base-plus-offset table.
+        assert "ld.global.v4" in ptx or "ld.global.v2.b64" in ptx, (average_dtype, model_dtype)
