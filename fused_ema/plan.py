@@ -58,10 +58,12 @@ class Group:
         return sum(model.numel() for model in self.models)
 
     def unchanged(self) -> bool:
-        """Cheap check that no tensor changed dtype or device since the plan was built."""
+        """Cheap check that no tensor changed dtype, device or shape since the plan was built."""
         average_dtype, model_dtype = self.average_dtype, self.model_dtype
         return all(m.dtype == model_dtype and m.device == self.model_device for m in self.models) and all(
-            a.dtype == average_dtype and a.device == self.device for averages in self.averages for a in averages
+            a.dtype == average_dtype and a.device == self.device and a.shape == m.shape
+            for averages in self.averages
+            for a, m in zip(averages, self.models)
         )
 
 
@@ -135,7 +137,6 @@ class Plan:
         backend: str = "auto",
         copies: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]] = ((), ()),
     ) -> None:
-        check_pairs(average_sets, models)
         if len(copies[0]) != len(copies[1]):
             raise ValueError(f"copies has {len(copies[0])} targets but {len(copies[1])} sources")
         self.backend = backends.check_name(backend)
@@ -145,6 +146,7 @@ class Plan:
         self._build()
 
     def _build(self) -> None:
+        check_pairs(self.average_sets, self.models)  # again on a rebuild: a shape may have changed
         grouped: dict[tuple, Group] = {}
         copy_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         for index, model in enumerate(self.models):

@@ -44,6 +44,10 @@ class Rule:
             raise ValueError(f"{type(self).__name__}.weight({step}) returned {weight}, outside [0, 1]")
         return weight
 
+    def get_decay(self, step: int) -> float:
+        """``1 - weight``: the decay of that update, as timm's and diffusers' ``get_decay`` name it."""
+        return 1.0 - self(step)
+
     def state_dict(self) -> dict[str, Any]:
         """The rule's hyperparameters (a rule keeps no other state: the step is the wrapper's)."""
         return {"rule": type(self).__name__, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}

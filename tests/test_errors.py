@@ -77,3 +77,17 @@ def test_environment_variable_overrides_auto(monkeypatch):
     monkeypatch.setenv(backends.ENVIRONMENT_VARIABLE, "nonsense")
     with pytest.raises(ValueError, match="backend must be one of"):
         Plan([averages], models)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_shape_change_after_planning_raises_before_writing(backend):
+    from fused_ema.plan import Plan
+
+    averages, models = _lists()
+    plan = Plan([averages], models, backend=backend)
+    before = [a.clone() for a in averages]
+    models[3].data = torch.randn(3, 4)  # same object, new shape
+    with pytest.raises(ValueError, match="averages\\[3\\] is \\(4, 3\\) float32 on cpu but models\\[3\\] is \\(3, 4\\)"):
+        plan.lerp_([0.5])
+    for average, saved in zip(averages, before):
+        assert torch.equal(average, saved)

@@ -30,6 +30,8 @@ CLOSED_FORMS = {
 def test_weight_is_one_minus_closed_form_decay(name, step):
     rule, decay = CLOSED_FORMS[name]
     assert rule(step) == pytest.approx(1 - decay(step), rel=1e-12, abs=1e-15)
+    assert rule.weight(step) == rule(step)
+    assert rule.get_decay(step) == pytest.approx(decay(step), rel=1e-12, abs=1e-15)
 
 
 def _average_after(rule, values):
