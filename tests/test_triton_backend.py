@@ -1,26 +1,21 @@
 """The "triton" backend against "reference": Triton's interpreter on CPU tensors, no GPU needed.
 
-Triton decides at ``@triton.jit`` time whether a kernel is interpreted (TRITON_INTERPRET read when
-the kernel is *defined*, not when triton is imported or the kernel launched). The suite's conftest
-has already imported ``fused_ema.backends.triton`` normally (compiled kernels, unavailable without
-a GPU), so this file loads a second, private copy of that module with TRITON_INTERPRET=1 set only
-while it is defined, and swaps it into the registry per test. Other tests never see it.
-
+The interpreted copy of the backend comes from tests/triton_interpreted.py (why a copy: there).
 The kernel is also compiled (not run) for sm_80 and sm_90 with Triton's bundled ptxas, which needs
 no GPU: a kernel that only the interpreter accepts cannot land.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 import warnings
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
+
+import triton_interpreted  # noqa: E402
 
 import fused_ema  # noqa: E402
 from fused_ema import backends  # noqa: E402
@@ -31,24 +26,7 @@ from fused_ema.rounding import rounding_key  # noqa: E402
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 GPU_CHUNK_ELEMENTS = chunk_table.CHUNK_ELEMENTS  # before the fixture below shrinks it
 
-
-def _load_interpreted_module():
-    if os.environ.get("TRITON_INTERPRET") == "1":  # the whole run is interpreted already
-        return importlib.import_module("fused_ema.backends.triton")
-    spec = importlib.util.find_spec("fused_ema.backends.triton")
-    module = importlib.util.module_from_spec(
-        importlib.util.spec_from_file_location("_fused_ema_triton_interpreted", spec.origin)
-    )
-    sys.modules[module.__name__] = module  # torch.compile re-imports what it traces by name
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        module.__spec__.loader.exec_module(module)
-    finally:
-        del os.environ["TRITON_INTERPRET"]
-    return module
-
-
-interpreted = _load_interpreted_module()
+interpreted = triton_interpreted.module()
 
 
 @pytest.fixture(autouse=True)
@@ -235,30 +213,38 @@ def test_custom_op_matches_reference():
     _assert_bitwise_equal(average_sets, expected)
 
 
-def test_compiled_update_keeps_one_graph():
+def test_compiled_update_is_one_in_place_op():
+    """torch.compile keeps one graph, and Inductor calls the op in place: no copy, no copy-back."""
+    from torch._inductor.utils import run_and_get_code
+
     average_sets, models = _pairs(torch.float32, torch.bfloat16, sets=1, shapes=[(5,), (3, 70)])
     expected = _clone(average_sets)
     plan = Plan(average_sets, models, backend="triton")
 
-    @torch.compile(backend="aot_eager", fullgraph=True)  # fullgraph: a graph break raises
+    @torch.compile(fullgraph=True)  # fullgraph: a graph break raises
     def step(weight):
         plan.lerp_([weight])
 
     torch._dynamo.reset()
-    step(0.3)
+    _, codes = run_and_get_code(step, 0.3)
     Plan(expected, models, backend="reference").lerp_([0.3])
     _assert_bitwise_equal(average_sets, expected)
+    code = "\n".join(codes)
+    namespace, name = interpreted._OP_NAME.split("::")
+    assert code.count(f"torch.ops.{namespace}.{name}.default(") == 1, code
+    assert "copy_" not in code and "clone" not in code, code
 
 
 # --- compiled for real GPUs (no GPU needed: Triton ships ptxas) --------------------------------
 
 COMPILE_CASES = [
-    # average, model, sets, stochastic
-    (torch.float32, torch.float32, 1, False),
-    (torch.bfloat16, torch.float32, 2, True),
-    (torch.float32, torch.bfloat16, 1, False),
-    (torch.float64, torch.float16, 1, False),
-    (torch.float16, torch.float64, 3, False),
+    # average, model, sets, stochastic, aligned
+    (torch.float32, torch.float32, 1, False, True),
+    (torch.bfloat16, torch.float32, 2, True, True),
+    (torch.float32, torch.bfloat16, 1, False, True),
+    (torch.float64, torch.float16, 1, False, True),
+    (torch.float16, torch.float64, 3, False, True),
+    (torch.bfloat16, torch.bfloat16, 1, True, False),
 ]
 
 
@@ -272,7 +258,7 @@ def test_kernel_compiles_for_gpus(capability):
 
     kernel = compiled._multi_lerp_kernel
     names = kernel.arg_names
-    for average_dtype, model_dtype, sets, stochastic in COMPILE_CASES:
+    for average_dtype, model_dtype, sets, stochastic, aligned in COMPILE_CASES:
         type_names = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}
         signature = {name: "constexpr" for name in names}
         signature.update(model_base_ptr=f"*{type_names[model_dtype]}",
@@ -282,17 +268,28 @@ def test_kernel_compiles_for_gpus(capability):
             AVERAGE_DTYPE=compiled._TORCH_TO_TRITON[average_dtype],
             MODEL_DTYPE=compiled._TORCH_TO_TRITON[model_dtype],
             WIDE=torch.float64 in (average_dtype, model_dtype), SETS=sets, STOCHASTIC=stochastic,
-            MODEL_ALIGNMENT=16 // model_dtype.itemsize, AVERAGE_ALIGNMENT=16 // average_dtype.itemsize,
+            MODEL_ALIGNMENT=16 // model_dtype.itemsize if aligned else 1,
+            AVERAGE_ALIGNMENT=16 // average_dtype.itemsize if aligned else 1,
             BLOCK=GPU_CHUNK_ELEMENTS,
         )
         pointers = ("model_base_ptr", "average_base_ptr", "tensors_ptr", "chunks_ptr", "step_args_ptr")
         source = ASTSource(
             fn=kernel, signature=signature,
             constexprs={(names.index(name),): value for name, value in constants.items()},
-            attrs={(names.index(name),): [["tt.divisibility", 16]] for name in pointers},
+            attrs={
+                (names.index(name),): [["tt.divisibility", 16]]
+                for name in pointers if aligned or "base" not in name
+            },
         )
         binary = compile(source, target=GPUTarget("cuda", capability, 32), options={"enable_fp_fusion": False})
         ptx = binary.asm["ptx"]
         assert "fma.rn.f" in ptx
-        # Aligned full chunks use 16-byte accesses: the point of the base-plus-offset table.
-        assert "ld.global.v4" in ptx or "ld.global.v2.b64" in ptx, (average_dtype, model_dtype)
+        if aligned:  # full chunks use 16-byte accesses: the point of the base-plus-offset table
+            assert "ld.global.v4" in ptx or "ld.global.v2.b64" in ptx, (average_dtype, model_dtype)
+
+
+def test_custom_op_passes_opcheck():
+    average_sets, models = _pairs(torch.float32, torch.bfloat16, sets=2, shapes=[(5,), (3, 70)])
+    flat = [a for averages in average_sets for a in averages]
+    torch.library.opcheck(interpreted.multi_lerp_op, (flat, models, [0.2, 0.02], [0, 1], None))
+    torch.library.opcheck(interpreted.multi_lerp_op, (flat, models, [0.2, 0.02], [0, 1], [5, 6]))

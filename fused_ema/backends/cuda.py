@@ -1,0 +1,81 @@
+"""The "cuda" backend: the CUDA kernel of csrc/cuda, one launch per group, no host-device sync.
+
+A thin wrapper. Eager updates call ``torch.ops.fused_ema.multi_lerp_table_`` with the group's
+device-resident chunk table (built once by :mod:`fused_ema.backends.chunk_table`, shared with the
+"triton" backend), so an update passes five tensors instead of lists of thousands. Under
+``torch.compile`` the list operator ``torch.ops.fused_ema.multi_lerp_`` (CUDA dispatch key, fake in
+:mod:`fused_ema.ops`) runs instead, which the compiler sees as one node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fused_ema.backends import Backend, chunk_table
+
+# csrc/cuda/multi_lerp_kernel.h: kMaxSets (the weights of one pass sit in shared memory).
+MAX_SETS = 16
+
+_REBUILD = "put the CUDA toolkit's nvcc on the PATH and reinstall with `pip install --no-build-isolation .`"
+
+
+def _ops():
+    from fused_ema import ops  # loads (or compiles) the extension on first use
+
+    return ops
+
+
+def _reason() -> str | None:
+    if torch.version.cuda is None:
+        return (
+            f"this torch ({torch.__version__}) is a CPU build, so the CUDA kernels cannot be built or run; "
+            "install a CUDA build of torch, " + _REBUILD + ", or use backend='foreach'"
+        )
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible to torch; run on a machine with an NVIDIA GPU or use backend='foreach'"
+    reason = _ops().UNAVAILABLE_REASON
+    if reason is not None:
+        return f"the C++ extension did not load ({reason})"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("fused_ema::multi_lerp_", "CUDA"):
+        return (
+            "the C++ extension was built without its CUDA kernels (nvcc was not found at install, or "
+            "torch was a CPU build then); " + _REBUILD
+        )
+    return None
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    device_types = ("cuda",)
+
+    def unavailable_reason(self) -> str | None:
+        return _reason()
+
+    def cannot_run(self, group) -> str | None:
+        reason = super().cannot_run(group)
+        if reason is None and len(group.averages) > MAX_SETS:
+            reason = f"it updates at most {MAX_SETS} average sets in one pass, got {len(group.averages)}"
+        return reason
+
+    def is_stale(self, group) -> bool:
+        if torch.compiler.is_compiling():
+            return not group.unchanged()  # pointers are not traceable; the op reads them at run time
+        return chunk_table.is_stale(group)
+
+    def lerp_(self, group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
+        if torch.compiler.is_compiling():
+            averages = [average for averages in group.averages for average in averages]
+            _ops().multi_lerp_(averages, group.models, weights, group.tensor_indices, rounding_keys)
+            return
+        table = chunk_table.table(group)
+        step_args = table.write_step_args(weights, rounding_keys)
+        if table.chunk_count:
+            torch.ops.fused_ema.multi_lerp_table_(
+                table.model_base, table.average_base, table.tensors, table.chunks, step_args,
+                table.sets, table.chunk_elements, rounding_keys is not None,
+            )
+
+
+BACKEND = CudaBackend()
