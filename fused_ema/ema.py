@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fused_ema import backends
+from fused_ema import backends, distributed
 from fused_ema import rules as rules_module
 from fused_ema.modules import Binding, clone_module, unwrap
 from fused_ema.rounding import rounding_key
@@ -86,6 +86,7 @@ class EMA(nn.Module):
         self.num_updates = 0  # averaging updates so far: the rules' n
         self.skipped_updates = 0
         self._binding = Binding(self.averages, average_buffers=include_buffers, backend=backend)
+        self._mesh = distributed.mesh_of(self.module)  # FSDP2: ranks agree on skipping (skip_nonfinite)
         self._stored: list[torch.Tensor] | None = None
 
     @property
@@ -123,7 +124,7 @@ class EMA(nn.Module):
             return
         else:
             weights = [rule(self.num_updates) for rule in self.rules]
-        if self.skip_nonfinite and not plan.models_finite():
+        if self.skip_nonfinite and not distributed.finite_on_every_rank(plan.models_finite(), self._mesh):
             self.skipped_updates += 1
             warnings.warn(f"EMA update at step {step} skipped: the model has inf or nan values", stacklevel=2)
             self.step = step + 1
@@ -181,6 +182,7 @@ class EMA(nn.Module):
             yield live_model
         finally:
             with torch.no_grad():
+                distributed.reshard_(live_model)  # FSDP2: no gathered copy of the average may outlive the body
                 _exchange_(same)
                 for (_, tensor), saved in zip(other, kept):
                     tensor.copy_(saved)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
+from fused_ema import distributed
 from fused_ema.plan import Plan
 
 _registrations = 0
@@ -53,7 +54,12 @@ def unwrap(model: nn.Module) -> nn.Module:
 def clone_module(
     model: nn.Module, device: torch.device | str | int | None = None, dtype: torch.dtype | None = None
 ) -> nn.Module:
-    """A deep copy of ``model`` for averaging, on ``device``, floating tensors cast to ``dtype``."""
+    """A deep copy of ``model`` for averaging, on ``device``, floating tensors cast to ``dtype``.
+
+    FSDP2 models refuse deepcopy: their copy is sharded like them (``distributed.clone_sharded``).
+    """
+    if distributed.is_fsdp(model):
+        return distributed.clone_sharded(model, device, dtype)
     clone = copy.deepcopy(model)
     if device is not None:
         clone = clone.to(device)
@@ -74,6 +80,8 @@ def pair_by_name(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Tensors of ``averaged`` and ``model`` in matching order; ValueError on the first mismatch."""
     kind = "buffer" if buffers else "parameter"
+    for module in (averaged, model):
+        distributed.reshard_(module)  # FSDP2: the sharded tensors, not ones gathered for a forward
     averaged_tensors, model_tensors = _named(averaged, buffers), _named(model, buffers)
     for name, tensor in averaged_tensors.items():
         if name not in model_tensors:
@@ -86,6 +94,7 @@ def pair_by_name(
                 f"{kind} {name!r} has shape {tuple(model_tensors[name].shape)} in the model but "
                 f"{tuple(tensor.shape)} in the average"
             )
+        distributed.check_same_sharding(name, tensor, model_tensors[name])
     for name in model_tensors:
         if name not in averaged_tensors:
             raise ValueError(f"the model has a {kind} {name!r} that the average lacks")

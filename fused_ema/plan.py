@@ -212,10 +212,13 @@ class Plan:
     @torch.no_grad()
     def models_finite(self) -> torch.Tensor | bool:
         """Whether every floating model tensor is finite: a bool on the CPU, else a device tensor."""
+        # Empty tensors (an FSDP2 rank's share of a short parameter) are finite, and the inf-norm
+        # of an empty tensor is an error: leave them out.
+        model_lists = [[m for m in group.models if m.numel()] for group in self.groups]
         flags = [
-            torch.stack(torch._foreach_norm(group.models, float("inf"))).isfinite().all()
-            for group in self.groups
-            if group.models
+            torch.stack(torch._foreach_norm(models, float("inf"))).isfinite().all()
+            for models in model_lists
+            if models
         ]
         if not flags:
             return True
