@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from fused_ema.plan import Plan
+from fused_ema import backends
+from fused_ema.plan import Plan, check_pairs, check_weights
 from fused_ema.rounding import rounding_key
 
 
@@ -67,5 +68,53 @@ def multi_lerp_(
     """
     if len(weights) != len(average_sets):
         raise ValueError(f"got {len(weights)} weights for {len(average_sets)} average sets")
+    if torch.compiler.is_compiling():
+        _traced_multi_lerp_(average_sets, models, check_weights(weights), backend,
+                            _rounding_keys(stochastic_rounding, seed, step, len(average_sets)))
+        return
     plan = Plan(average_sets, models, backend=backend)
     plan.lerp_(weights, _rounding_keys(stochastic_rounding, seed, step, len(average_sets)))
+
+
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+@torch.compiler.assume_constant_result
+def _has_fused_op(device_type: str) -> bool:
+    """Whether torch.ops.fused_ema.multi_lerp_ runs on this device type (loads the extension)."""
+    if backends.get("cpu").unavailable_reason() is not None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fused_ema::multi_lerp_", device_type.upper())
+
+
+def _traced_multi_lerp_(average_sets, models, weights, backend, rounding_keys) -> None:
+    """The update as torch.compile sees it: one fused operator node, no plan or table.
+
+    The eager path's Plan keeps C++ tables and Python caches that the compiler cannot trace; here
+    every fusable pair goes to ``torch.ops.fused_ema.multi_lerp_`` (which inductor runs in place),
+    and the rest to the reference's torch ops, which the compiler fuses itself.
+    """
+    from fused_ema.backends.reference import lerp_pair_
+
+    check_pairs(average_sets, models)
+    fused, per_pair = [], []
+    for index, model in enumerate(models):
+        averages = [average_set[index] for average_set in average_sets]
+        if not model.is_floating_point():
+            for average in averages:
+                average.copy_(model)
+        elif (backend not in ("reference", "foreach") and _has_fused_op(model.device.type)
+              and all(a.device == model.device and a.dtype in _FUSED_DTYPES for a in averages)
+              and model.dtype in _FUSED_DTYPES):
+            fused.append(index)
+        else:
+            per_pair.append(index)
+    if fused:
+        torch.ops.fused_ema.multi_lerp_(
+            [average_set[index] for average_set in average_sets for index in fused],
+            [models[index] for index in fused], weights, fused, rounding_keys,
+        )
+    for index in per_pair:
+        for set_index, weight in enumerate(weights):
+            key = None if rounding_keys is None else rounding_keys[set_index]
+            lerp_pair_(average_sets[set_index][index], models[index], weight, key, index)

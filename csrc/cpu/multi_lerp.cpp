@@ -1,0 +1,233 @@
+// The CPU implementation of fused_ema::multi_lerp_: builds a chunk table for the lists it is given
+// and runs it with at::parallel_for. The list op serves the functional API and torch.compile;
+// the per-update hot path keeps its table in a CpuTable (table.cpp) instead.
+#include <map>
+#include <string>
+#include <utility>
+
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <ATen/ops/empty_strided.h>
+#include <torch/library.h>
+
+#include "table.h"
+
+namespace fused_ema::cpu {
+
+ScalarKind scalar_kind(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return ScalarKind::Float;
+    case at::kDouble: return ScalarKind::Double;
+    case at::kHalf: return ScalarKind::Half;
+    case at::kBFloat16: return ScalarKind::BFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, "fused_ema: averages and models must be float32, float64, float16 or bfloat16, got ",
+                       dtype);
+  }
+}
+
+namespace {
+
+// The widest kernel torch itself uses on this CPU (at::get_cpu_capability(), which honours
+// ATEN_CPU_CAPABILITY), so both round alike: ATen's AVX2/AVX512 lerp fuses the multiply-add,
+// its DEFAULT build does not.
+RangeKernel select_kernel(ScalarKind average, ScalarKind model, bool stochastic) {
+  using Selector = RangeKernel (*)(ScalarKind, ScalarKind, bool);
+  static const Selector selector = []() -> Selector {
+    const std::string capability = at::get_cpu_capability();
+    const auto built = [](Selector candidate) {
+      return candidate(ScalarKind::Float, ScalarKind::Float, false) != nullptr;
+    };
+    if (capability == "AVX512" && built(&isa_avx512::select_kernel)) {
+      return &isa_avx512::select_kernel;
+    }
+    if ((capability == "AVX2" || capability == "AVX512") && built(&isa_avx2::select_kernel)) {
+      return &isa_avx2::select_kernel;
+    }
+    return &isa_default::select_kernel;
+  }();
+  return selector(average, model, stochastic);
+}
+
+// Below this many blocks (32K elements) a second thread costs more than it saves.
+constexpr int64_t kGrainBlocks = 512;
+
+}  // namespace
+
+std::string pair_problem(const at::Tensor& average, const at::Tensor& model) {
+  if (!average.device().is_cpu() || !model.device().is_cpu()) {
+    return "is not on the CPU";
+  }
+  if (average.sizes() != model.sizes()) {
+    return "has an average and a model of different shapes";
+  }
+  if (!average.is_non_overlapping_and_dense() || !model.is_non_overlapping_and_dense()) {
+    return "is not dense (a strided view)";
+  }
+  if (average.strides() != model.strides()) {
+    return "has an average and a model with different strides";
+  }
+  return {};
+}
+
+Table::Table(const std::vector<at::Tensor>& averages, const std::vector<at::Tensor>& models,
+             const std::vector<int64_t>& tensor_indices, int64_t sets)
+    : sets_(sets) {
+  const auto count = static_cast<int64_t>(models.size());
+  TORCH_CHECK_VALUE(sets >= 1 && sets <= kMaxSets, "fused_ema: between 1 and ", kMaxSets,
+                    " average sets per call, got ", sets, "; split them over several calls");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(averages.size()) == sets * count, "fused_ema: expected ", sets, " x ",
+                    count, " averages (set-major), got ", averages.size());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(tensor_indices.size()) == count, "fused_ema: expected ", count,
+                    " tensor_indices, got ", tensor_indices.size());
+  if (count == 0) {
+    return;
+  }
+  const at::ScalarType average_dtype = averages[0].scalar_type(), model_dtype = models[0].scalar_type();
+  entries_.reserve(count);
+  averages_.reserve(sets * count);
+  for (int64_t i = 0; i < count; ++i) {
+    const at::Tensor& model = models[i];
+    TORCH_CHECK_TYPE(model.scalar_type() == model_dtype, "fused_ema: models[", i, "] is ", model.scalar_type(),
+                     " but models[0] is ", model_dtype, "; one table holds one dtype pair");
+    for (int64_t set = 0; set < sets; ++set) {
+      const at::Tensor& average = averages[set * count + i];
+      TORCH_CHECK_TYPE(average.scalar_type() == average_dtype, "fused_ema: averages[", set * count + i, "] is ",
+                       average.scalar_type(), " but averages[0] is ", average_dtype,
+                       "; one table holds one dtype pair");
+      const std::string problem = pair_problem(average, model);
+      TORCH_CHECK_VALUE(problem.empty(), "fused_ema: pair ", i, " of set ", set, " ", problem,
+                        "; use the list op or backend 'foreach' for it");
+      averages_.push_back(average.data_ptr());
+    }
+    entries_.push_back({model.const_data_ptr(), model.numel(), blocks_, static_cast<uint32_t>(tensor_indices[i])});
+    blocks_ += blocks_of(model.numel());
+    numel_ += model.numel();
+  }
+  nearest_ = select_kernel(scalar_kind(average_dtype), scalar_kind(model_dtype), false);
+  stochastic_ = select_kernel(scalar_kind(average_dtype), scalar_kind(model_dtype), true);
+}
+
+void Table::run(const std::vector<double>& weights, const std::optional<std::vector<int64_t>>& rounding_keys) const {
+  TORCH_CHECK_VALUE(static_cast<int64_t>(weights.size()) == sets_, "fused_ema: expected ", sets_,
+                    " weights, got ", weights.size());
+  uint32_t keys[kMaxSets];
+  if (rounding_keys) {
+    TORCH_CHECK_VALUE(static_cast<int64_t>(rounding_keys->size()) == sets_, "fused_ema: expected ", sets_,
+                      " rounding_keys, got ", rounding_keys->size());
+    for (int64_t set = 0; set < sets_; ++set) {
+      keys[set] = static_cast<uint32_t>((*rounding_keys)[set]);
+    }
+  }
+  if (blocks_ == 0) {
+    return;
+  }
+  const LerpArgs args{entries_.data(), static_cast<int64_t>(entries_.size()), averages_.data(), sets_,
+                      weights.data(), rounding_keys ? keys : nullptr};
+  const RangeKernel kernel = rounding_keys ? stochastic_ : nearest_;
+  at::parallel_for(0, blocks_, kGrainBlocks, [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
+}
+
+namespace {
+
+// The schema's implementation. Pairs a table cannot hold (strided views, an average laid out
+// differently from its model) are updated one at a time through dense temporaries in the
+// average's own memory order, which keeps each element's stochastic-rounding index equal to the
+// reference's.
+void multi_lerp_cpu(at::TensorList averages, at::TensorList models, at::ArrayRef<double> weights,
+                    at::IntArrayRef tensor_indices, at::OptionalIntArrayRef rounding_keys) {
+  const auto sets = static_cast<int64_t>(weights.size());
+  const auto count = static_cast<int64_t>(models.size());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(averages.size()) == sets * count, "multi_lerp_: got ", averages.size(),
+                    " averages for ", sets, " weights and ", count, " models; pass len(weights) * len(models) ",
+                    "averages, set-major");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(tensor_indices.size()) == count, "multi_lerp_: got ",
+                    tensor_indices.size(), " tensor_indices for ", count, " models");
+  TORCH_CHECK_VALUE(!rounding_keys.has_value() || static_cast<int64_t>(rounding_keys->size()) == sets,
+                    "multi_lerp_: got ", rounding_keys.has_value() ? rounding_keys->size() : 0,
+                    " rounding_keys for ", sets, " weights");
+  const std::vector<double> all_weights(weights.begin(), weights.end());
+  std::optional<std::vector<int64_t>> all_keys;
+  if (rounding_keys.has_value()) {
+    all_keys.emplace(rounding_keys->begin(), rounding_keys->end());
+  }
+  // Pairs every set can fuse, one table per (average dtype, model dtype).
+  struct Pending {
+    std::vector<int64_t> pairs;
+    std::vector<at::Tensor> models;
+    std::vector<int64_t> indices;
+  };
+  std::map<std::pair<int, int>, Pending> tables;
+  std::vector<int64_t> one_at_a_time;
+  for (int64_t i = 0; i < count; ++i) {
+    const at::Tensor& model = models[i];
+    bool direct = true;
+    for (int64_t set = 0; set < sets; ++set) {
+      const at::Tensor& average = averages[set * count + i];
+      TORCH_CHECK(average.device().is_cpu() && model.device().is_cpu(), "multi_lerp_: pair ", i, " is on ",
+                  average.device(), " and ", model.device(), "; the CPU kernel needs CPU tensors");
+      TORCH_CHECK_VALUE(average.sizes() == model.sizes(), "multi_lerp_: averages[", set * count + i, "] has shape ",
+                        average.sizes(), " but models[", i, "] has shape ", model.sizes());
+      TORCH_CHECK_TYPE(average.scalar_type() == averages[i].scalar_type(), "multi_lerp_: averages[", set * count + i,
+                       "] is ", average.scalar_type(), " but averages[", i, "] is ", averages[i].scalar_type(),
+                       "; every set must share dtypes");
+      direct = direct && pair_problem(average, model).empty();
+    }
+    scalar_kind(model.scalar_type());  // names an unsupported dtype before anything is written
+    scalar_kind(averages[i].scalar_type());
+    if (!direct) {
+      one_at_a_time.push_back(i);
+      continue;
+    }
+    Pending& pending = tables[{static_cast<int>(averages[i].scalar_type()), static_cast<int>(model.scalar_type())}];
+    pending.pairs.push_back(i);
+    pending.models.push_back(model);
+    pending.indices.push_back(tensor_indices[i]);
+  }
+  for (auto& [dtypes, pending] : tables) {
+    for (int64_t first_set = 0; first_set < sets; first_set += kMaxSets) {
+      const int64_t batch = std::min(kMaxSets, sets - first_set);
+      std::vector<at::Tensor> batch_averages;
+      batch_averages.reserve(batch * pending.pairs.size());
+      for (int64_t set = first_set; set < first_set + batch; ++set) {
+        for (const int64_t i : pending.pairs) {
+          batch_averages.push_back(averages[set * count + i]);
+        }
+      }
+      std::optional<std::vector<int64_t>> batch_keys;
+      if (all_keys) {
+        batch_keys.emplace(all_keys->begin() + first_set, all_keys->begin() + first_set + batch);
+      }
+      Table(batch_averages, pending.models, pending.indices, batch)
+          .run(std::vector<double>(all_weights.begin() + first_set, all_weights.begin() + first_set + batch),
+               batch_keys);
+    }
+  }
+  for (const int64_t i : one_at_a_time) {
+    for (int64_t set = 0; set < sets; ++set) {
+      const at::Tensor& average = averages[set * count + i];
+      const at::Tensor dense_average = average.is_non_overlapping_and_dense() ? average : average.contiguous();
+      at::Tensor dense_model = models[i];
+      if (!pair_problem(dense_average, dense_model).empty()) {
+        dense_model = at::empty_strided(dense_average.sizes(), dense_average.strides(), models[i].options());
+        dense_model.copy_(models[i]);
+      }
+      std::optional<std::vector<int64_t>> key;
+      if (all_keys) {
+        key.emplace(1, (*all_keys)[set]);
+      }
+      Table({dense_average}, {dense_model}, {tensor_indices[i]}, 1).run({all_weights[set]}, key);
+      if (!dense_average.is_same(average)) {
+        average.copy_(dense_average);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_ema, CPU, m) {
+  m.impl("multi_lerp_", &multi_lerp_cpu);
+}
+
+}  // namespace fused_ema::cpu

@@ -1,0 +1,88 @@
+"""The fused C++ kernel for CPU tensors: one call updates every pair of a group (csrc/cpu).
+
+A thin wrapper: the chunk table lives in a C++ ``CpuTable`` kept in ``group.cache``, so an update
+passes only the weights and rounding keys. Under ``torch.compile`` the list operator
+``torch.ops.fused_ema.multi_lerp_`` runs instead, which the compiler sees as one node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fused_ema.backends import Backend
+
+# The kernel keeps one weight per set on the stack of each thread.
+MAX_SETS = 16
+DTYPES = {torch.float32, torch.float64, torch.float16, torch.bfloat16}
+
+
+def _ops():
+    from fused_ema import ops  # loads (or compiles) the extension on first use
+
+    return ops
+
+
+class CpuBackend(Backend):
+    """Runs a group with the C++ kernel: every pair and every average set in one parallel pass.
+
+    ``averages[k][i] <- lerp(averages[k][i], models[i], weights[k])`` with ATen's formula, in float32
+    (float64 when either side is), rounded once; bfloat16 averages are rounded stochastically when
+    rounding keys are given. Needs dense pairs with matching strides (``group.fusable``).
+
+    Example::
+
+        plan = Plan([averages], models, backend="cpu")
+        plan.lerp_([1 - 0.999])
+    """
+
+    name = "cpu"
+    device_types = ("cpu",)
+
+    def unavailable_reason(self) -> str | None:
+        return _ops().UNAVAILABLE_REASON
+
+    def cannot_run(self, group) -> str | None:
+        reason = super().cannot_run(group)
+        if reason is None and len(group.averages) > MAX_SETS:
+            reason = f"it updates at most {MAX_SETS} average sets in one pass, got {len(group.averages)}"
+        if reason is None and not {group.average_dtype, group.model_dtype} <= DTYPES:
+            reason = f"it supports float32, float64, float16 and bfloat16, not {group.average_dtype} / {group.model_dtype}"
+        return reason
+
+    def is_stale(self, group) -> bool:
+        if torch.compiler.is_compiling():
+            return not group.unchanged()
+        table = group.cache.get("cpu_table")
+        if table is None:
+            # First update: the tensors may have changed since planning; a table that cannot be
+            # built means the group is stale, and regrouping reports the change with its cause.
+            if not group.unchanged():
+                return True
+            try:
+                table = self._table(group)
+            except (ValueError, TypeError):
+                return True
+        # Also follows storages swapped in place (param.data = t), rebuilding the table silently.
+        return table.refresh()
+
+    def lerp_(self, group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
+        if torch.compiler.is_compiling():
+            averages = [average for averages in group.averages for average in averages]
+            _ops().multi_lerp_(averages, group.models, weights, group.tensor_indices, rounding_keys)
+            return
+        self._table(group).lerp_(weights, rounding_keys)
+
+    @staticmethod
+    def _table(group):
+        table = group.cache.get("cpu_table")
+        if table is None:
+            averages = [average for averages in group.averages for average in averages]
+            table = group.cache["cpu_table"] = _ops()._C.CpuTable(
+                averages, group.models, group.tensor_indices, len(group.averages)
+            )
+        return table
+
+
+BACKEND = CpuBackend()
