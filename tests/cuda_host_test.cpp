@@ -14,7 +14,8 @@
 #include "chunk_table.h"
 #include "lerp_math.h"
 
-using namespace fused_ema::cuda;  // a test driver, not a header
+using namespace fused_ema;  // a test driver, not a header
+using namespace fused_ema::cuda;
 
 static float from_bits(uint32_t bits) {
   float value;

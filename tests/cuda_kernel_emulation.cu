@@ -6,7 +6,8 @@
 
 namespace {
 
-using namespace fused_ema::cuda;  // a test driver, not a header
+using namespace fused_ema;  // a test driver, not a header
+using namespace fused_ema::cuda;
 
 struct Emulate {
   const MultiLerpArgs& args;

@@ -20,6 +20,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "../rounding.h"
 #include "lerp_kernel.h"
 
 namespace fused_ema::cpu::FUSED_EMA_ISA {
@@ -33,18 +34,6 @@ using c10::Half;
 constexpr int kStep = 2 * Vectorized<float>::size();
 static_assert(kBlockElements % kStep == 0, "a block must hold whole steps");
 static_assert(Vectorized<BFloat16>::size() == kStep && Vectorized<Half>::size() == kStep);
-
-constexpr uint32_t kTensorMultiplier = 0x9E3779B9u;
-constexpr uint32_t kElementMultiplier = 0x85EBCA77u;
-
-inline uint32_t fmix32(uint32_t value) {
-  value ^= value >> 16;
-  value *= 0x85EBCA6Bu;
-  value ^= value >> 13;
-  value *= 0xC2B2AE35u;
-  value ^= value >> 16;
-  return value;
-}
 
 // ATen's opmath type for a lerp of these two dtypes.
 template <typename A, typename M>
@@ -211,7 +200,7 @@ void lerp_range(const LerpArgs& args, int64_t begin_block, int64_t end_block) {
     for (int64_t set = 0; set < args.sets; ++set) {
       averages[set] = static_cast<A*>(args.averages[row * args.sets + set]);
       if constexpr (kStochastic) {
-        streams[set] = fmix32(args.rounding_keys[set] ^ (entry->tensor_index * kTensorMultiplier));
+        streams[set] = rounding_stream(args.rounding_keys[set], entry->tensor_index);
       }
     }
     const M* model = static_cast<const M*>(entry->model);
