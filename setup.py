@@ -50,7 +50,7 @@ def _extensions() -> tuple[list, dict]:
                 warnings.warn(f"fused_ema: building {extension.name} failed ({error}); it will be "
                               "compiled on first use, or backend 'foreach' used if that fails too")
 
-    sources = ["csrc/ops.cpp", *_sources("csrc/cpu/*.cpp")]
+    sources = ["csrc/ops.cpp", "csrc/tensor_watch.cpp", *_sources("csrc/cpu/*.cpp")]
     headers = _sources("csrc/**/*.h") + _sources("csrc/**/*.cuh")
     # at::parallel_for is a header template whose OpenMP pragma compiles away without -fopenmp:
     # the kernels would then run on one thread. (Apple's clang has no OpenMP: one thread there.)

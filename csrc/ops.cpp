@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "cpu/table.h"
+#include "tensor_watch.h"
 
 TORCH_LIBRARY(fused_ema, m) {
   // For each set k and pair i: averages[k * len(models) + i] <- lerp(that average, models[i], weights[k]),
@@ -15,7 +16,9 @@ TORCH_LIBRARY(fused_ema, m) {
 }
 
 // Importing the module loads the library, which runs the registrations above; the module itself
-// only carries CpuTable, the persistent table of the CPU hot path.
+// only carries CpuTable, the persistent table of the CPU hot path, and TensorWatch, the staleness
+// check every fused backend's table shares.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  fused_ema::bind_tensor_watch(module);
   fused_ema::cpu::bind_cpu_table(module);
 }

@@ -45,7 +45,7 @@ def _compile() -> ModuleType:
     compiler = os.environ.get("CXX", "c++")
     if os.name != "nt" and shutil.which(compiler) is None:
         raise _CannotCompile(f"the C++ extension was not built and no C++ compiler ({compiler!r}) was found; {_FIX}")
-    sources = [directory / "ops.cpp", *sorted((directory / "cpu").glob("*.cpp"))]
+    sources = [directory / "ops.cpp", directory / "tensor_watch.cpp", *sorted((directory / "cpu").glob("*.cpp"))]
     _logger.warning("fused_ema: compiling the C++ extension (once, about a minute; cached afterwards)")
     # The same flags as setup.py: without OpenMP, at::parallel_for would run on one thread.
     if os.name == "nt":
@@ -81,7 +81,7 @@ def _load() -> tuple[ModuleType | None, str | None]:
 
 
 _C, UNAVAILABLE_REASON = _load()
-"""The loaded extension module (``CpuTable`` lives there) and, when it could not load, why not."""
+"""The loaded extension module (``CpuTable`` and ``TensorWatch`` live there) and, when it could not load, why not."""
 
 
 def multi_lerp_(

@@ -1,28 +1,19 @@
 // CpuTable: the chunk table of one plan group, kept across updates so that an update costs one
 // Python call with the weights, not a pass over thousands of tensor handles.
 //
-// It holds the at::Tensor handles, so `param.data = t` (which swaps the storage inside the same
-// TensorImpl) is visible here. Each update re-reads every tensor's dtype, sizes, strides and data
-// pointer (a few ns per tensor): moved pointers rebuild the table silently; any other change
-// marks the table stale and it refuses to run until the owner builds a new one.
-#include <atomic>
+// Its TensorWatch (csrc/tensor_watch.h) re-reads every tensor's dtype, sizes, strides and data
+// pointer at each update (a few ns per tensor): moved pointers (`param.data = t`) rebuild the table
+// silently; any other change marks the table stale and it refuses to run until the owner builds a
+// new one.
 #include <utility>
-
-#include <ATen/Parallel.h>
 
 #include <torch/csrc/utils/pybind.h>
 
+#include "../tensor_watch.h"
 #include "table.h"
 
 namespace fused_ema::cpu {
 namespace {
-
-// TensorImpl::data() without its out-of-line checks (the table was built from these tensors, so
-// they have storage and a dtype); only ever compared, never dereferenced.
-const void* data_address(const c10::TensorImpl* impl) {
-  const auto base = reinterpret_cast<uintptr_t>(impl->unsafe_storage().data());
-  return reinterpret_cast<const void*>(base + impl->storage_offset() * impl->itemsize());
-}
 
 class CpuTable {
  public:
@@ -32,75 +23,26 @@ class CpuTable {
         models_(std::move(models)),
         tensor_indices_(std::move(tensor_indices)),
         sets_(sets),
-        table_(averages_, models_, tensor_indices_, sets_) {
-    tensors_.reserve(models_.size() + averages_.size());
-    for (const auto* list : {&models_, &averages_}) {
-      for (const at::Tensor& tensor : *list) {
-        const c10::TensorImpl* impl = tensor.unsafeGetTensorImpl();
-        tensors_.push_back({impl, impl->dtype(), data_address(impl), static_cast<int64_t>(layouts_.size()), impl->dim()});
-        layouts_.insert(layouts_.end(), impl->sizes().begin(), impl->sizes().end());
-        layouts_.insert(layouts_.end(), impl->strides().begin(), impl->strides().end());
-      }
-    }
-  }
+        table_(averages_, models_, tensor_indices_, sets_),
+        watch_(watched(models_, averages_)) {}
 
   // True when a tensor changed dtype, device, shape or strides: the table can no longer run.
-  // Otherwise re-reads the data pointers (rebuilding the table if one moved) and returns false,
+  // Otherwise follows moved data pointers (rebuilding the table if one moved) and returns false,
   // and the next lerp_ trusts this check instead of repeating it.
   bool refresh() {
-    if (stale_) {
+    if (broken_) {
       return true;
     }
-    const auto count = static_cast<int64_t>(tensors_.size());
-    std::atomic<bool> stale{false}, moved{false};
-    // Thousands of TensorImpls scattered over the heap: worth a second thread past a few thousand.
-    at::parallel_for(0, count, kCheckGrain, [&](int64_t begin, int64_t end) {
-      bool range_stale = false, range_moved = false;
-      for (int64_t i = begin; i < end && !range_stale; ++i) {
-        // Two stages ahead: the TensorImpl first, then (once it has arrived) the StorageImpl it
-        // points to; both are cache misses otherwise, and they dominate this loop.
-        if (i + 2 * kPrefetchAhead < end) {
-          const char* ahead = reinterpret_cast<const char*>(tensors_[i + 2 * kPrefetchAhead].impl);
-          for (size_t line = 0; line < sizeof(c10::TensorImpl); line += 64) {
-            FUSED_EMA_PREFETCH(ahead + line);
-          }
-        }
-        if (i + kPrefetchAhead < end) {
-          FUSED_EMA_PREFETCH(tensors_[i + kPrefetchAhead].impl->unsafe_storage().unsafeGetStorageImpl());
-        }
-        Snapshot& snapshot = tensors_[i];
-        const c10::TensorImpl* impl = snapshot.impl;
-        bool same = impl->dtype() == snapshot.dtype && impl->device_type() == c10::DeviceType::CPU &&
-                    impl->layout() == c10::kStrided && impl->dim() == snapshot.dim;
-        if (same) {
-          const auto sizes = impl->sizes();
-          const auto strides = impl->strides();
-          const int64_t* layout = layouts_.data() + snapshot.layout;
-          // A hand-written loop: std::equal becomes a memcmp call, which dominated this check.
-          for (int64_t d = 0; same && d < snapshot.dim; ++d) {
-            same = sizes[d] == layout[d] && strides[d] == layout[snapshot.dim + d];
-          }
-        }
-        range_stale = !same;
-        if (same) {
-          const void* data = data_address(impl);
-          range_moved = range_moved || data != snapshot.data;
-          snapshot.data = data;
-        }
-      }
-      if (range_stale) {
-        stale.store(true, std::memory_order_relaxed);
-      }
-      if (range_moved) {
-        moved.store(true, std::memory_order_relaxed);
-      }
-    });
-    if (stale.load()) {
-      stale_ = true;
+    const WatchState state = watch_.refresh();
+    if (state == WatchState::kStale) {
       return true;
     }
-    if (moved.load()) {
+    if (state == WatchState::kMoved) {
+      // The watch already holds the new addresses: if the rebuild throws, the old table (old
+      // addresses) must never run, so the table counts as stale until a rebuild succeeds.
+      broken_ = true;
       table_ = Table(averages_, models_, tensor_indices_, sets_);
+      broken_ = false;
     }
     checked_ = true;
     return false;
@@ -121,24 +63,19 @@ class CpuTable {
   int64_t size() const { return static_cast<int64_t>(models_.size()); }
 
  private:
-  static constexpr int64_t kPrefetchAhead = 8;
-  static constexpr int64_t kCheckGrain = 2048;
-
-  struct Snapshot {
-    const c10::TensorImpl* impl;  // kept alive by averages_ / models_
-    caffe2::TypeMeta dtype;
-    const void* data;
-    int64_t layout;  // offset of its sizes, then strides, in layouts_
-    int64_t dim;
-  };
+  static std::vector<at::Tensor> watched(const std::vector<at::Tensor>& models,
+                                         const std::vector<at::Tensor>& averages) {
+    std::vector<at::Tensor> tensors(models);
+    tensors.insert(tensors.end(), averages.begin(), averages.end());
+    return tensors;
+  }
 
   std::vector<at::Tensor> averages_, models_;
   std::vector<int64_t> tensor_indices_;
   int64_t sets_;
   Table table_;
-  std::vector<Snapshot> tensors_;
-  std::vector<int64_t> layouts_;
-  bool stale_ = false;
+  TensorWatch watch_;
+  bool broken_ = false;
   bool checked_ = false;
 };
 

@@ -1,0 +1,162 @@
+"""TensorWatch (csrc/tensor_watch.h): the staleness check every fused backend's table shares.
+
+refresh() must report "moved" for a storage swap that keeps dtype and layout (the table follows it),
+"stale" for any change of dtype, shape, strides or device (the table must never run again), and
+"unchanged" otherwise. The GPU backends' ChunkTable uses it when the extension is built and falls
+back to a Python check otherwise; both are exercised here on CPU tensors standing in for device ones.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fused_ema import ops
+from fused_ema.backends import chunk_table
+from fused_ema.plan import Plan
+
+pytestmark = pytest.mark.skipif(ops._C is None, reason=f"the C++ extension is not available: {ops.UNAVAILABLE_REASON}")
+
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+SHAPES = ((), (0,), (7,), (3, 5), (2, 3, 4, 5, 6, 2))  # the last has more dims than TensorImpl keeps inline
+
+
+def _watch(tensors):
+    return ops._C.TensorWatch(list(tensors))
+
+
+def _tensors(dtype=torch.float32, shape=(3, 5)):
+    return [torch.nn.Parameter(torch.randn(shape).to(dtype)), torch.randn(11).to(dtype), torch.randn(4, 4).t()]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unchanged(dtype, shape):
+    tensors = _tensors(dtype, shape)
+    watch = _watch(tensors)
+    assert len(watch) == len(tensors)
+    with torch.no_grad():
+        tensors[0].mul_(2)  # values are not watched, only metadata
+    assert [watch.refresh(), watch.refresh()] == ["unchanged", "unchanged"]
+    assert not watch.stale
+
+
+@pytest.mark.parametrize("shape", [shape for shape in SHAPES if 0 not in shape])  # empty: no address to move
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_storage_swap_is_moved_once(dtype, shape):
+    tensors = _tensors(dtype, shape)
+    watch = _watch(tensors)
+    with torch.no_grad():
+        tensors[0].data = torch.randn(shape).to(dtype)  # a new storage of the same dtype and layout
+    assert watch.refresh() == "moved"
+    assert watch.refresh() == "unchanged"  # the snapshot now holds the new address
+
+
+def test_resized_storage_is_moved():
+    tensor = torch.randn(8)
+    watch = _watch([tensor])
+    tensor.untyped_storage().resize_(1024)  # same StorageImpl, new allocation (FSDP2 does this)
+    assert watch.refresh() == "moved"
+
+
+def test_same_address_other_offset_is_moved():
+    base = torch.randn(16)
+    view = base[:8]
+    watch = _watch([view])
+    view.set_(base.untyped_storage(), 8, (8,), (1,))
+    assert watch.refresh() == "moved"
+
+
+CHANGES = {
+    "dtype": lambda t: t.detach().double(),
+    "shape": lambda t: torch.randn(t.numel() + 1),
+    "rank": lambda t: torch.randn(1, t.numel()),
+    "strides": lambda t: torch.randn(tuple(reversed(t.shape))).t(),
+}
+# A device change (model.to("cuda")) needs a second device type set_data accepts: not on this machine.
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_change_is_stale_and_sticky(change):
+    tensors = [torch.randn(4), torch.nn.Parameter(torch.randn(3, 5)), torch.randn(6)]
+    original = tensors[1].data
+    watch = _watch(tensors)
+    with torch.no_grad():
+        tensors[1].data = CHANGES[change](tensors[1])
+    assert watch.refresh() == "stale"
+    assert watch.stale
+    with torch.no_grad():
+        tensors[1].data = original  # changing it back does not revive a table built before
+    assert watch.refresh() == "stale"
+
+
+@pytest.mark.parametrize("count", [1, 5000, 40000])  # below and above the parallel threshold
+@pytest.mark.parametrize("position", ["first", "last"])
+def test_many_tensors(count, position):
+    tensors = [torch.empty(2) for _ in range(count)]
+    index = 0 if position == "first" else count - 1
+    watch = _watch(tensors)
+    assert watch.refresh() == "unchanged"
+    tensors[index].data = torch.empty(2)
+    assert watch.refresh() == "moved"
+    tensors[index].data = torch.empty(3)
+    assert watch.refresh() == "stale"
+
+
+def test_device_tensors_without_data():
+    # Meta tensors stand in for device tensors: storage without readable data. The watch reads
+    # metadata only, so it works on them (a data read would crash here, a device read would sync).
+    tensors = [torch.empty(3, 4, device="meta"), torch.empty(5, device="meta", dtype=torch.bfloat16)]
+    watch = _watch(tensors)
+    assert watch.refresh() == "unchanged"
+    tensors[0].data = torch.empty(3, 4, device="meta")
+    assert watch.refresh() in ("unchanged", "moved")  # meta storages all sit at address 0
+    tensors[1].data = torch.empty(5, device="meta")
+    assert watch.refresh() == "stale"
+
+
+def test_rejects_tensors_without_storage():
+    with pytest.raises(ValueError, match="without storage"):
+        _watch([torch.randn(3, 3).to_sparse()])
+
+
+# ChunkTable (the triton and cuda backends' table), with the watch and with its Python fallback.
+
+
+@pytest.fixture(params=["watch", "python"])
+def with_watch(request, monkeypatch):
+    if request.param == "python":
+        monkeypatch.setattr(chunk_table, "_tensor_watch", lambda group: None)
+    return request.param == "watch"
+
+
+def _group(models, sets=1):
+    averages = [[model.detach().clone() for model in models] for _ in range(sets)]
+    return Plan(averages, models, backend="reference").groups[0]
+
+
+def test_chunk_table_follows_storage_swap(with_watch):
+    models = [torch.nn.Parameter(torch.randn(300)) for _ in range(4)]
+    group = _group(models, sets=2)
+    table = chunk_table.table(group)
+    assert (table.watch is not None) == with_watch
+    assert not chunk_table.is_stale(group)
+    with torch.no_grad():
+        models[2].data = torch.randn(300)
+        group.averages[1][3].data = torch.randn(300)
+    assert not chunk_table.is_stale(group)
+    assert chunk_table.table(group) is table  # rebuilt in place
+    assert table.pointers == chunk_table._pointers(group)
+    assert table.tensors.tolist() == chunk_table.tensor_rows(group)
+    assert not chunk_table.is_stale(group)
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_chunk_table_stale_after_change(with_watch, change):
+    models = [torch.nn.Parameter(torch.randn(3, 5)) for _ in range(3)]
+    group = _group(models)
+    chunk_table.table(group)
+    assert not chunk_table.is_stale(group)
+    with torch.no_grad():
+        models[1].data = CHANGES[change](models[1])
+    assert chunk_table.is_stale(group)
