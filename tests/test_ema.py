@@ -301,3 +301,19 @@ def test_mismatched_model_leaves_average_untouched():
         if isinstance(tensor, torch.Tensor):
             assert torch.equal(tensor, before[name])
     assert ema.step == 0 and ema.num_updates == 0
+
+
+def test_averages_are_packed_into_one_buffer_without_changing_anything_visible():
+    model = small_cnn().to(memory_format=torch.channels_last)
+    model.tied = torch.nn.Linear(5, 5)
+    model.tied_again = model.tied  # a module registered twice: its weights stay one tensor
+    ema = fused_ema.EMA(model, decay=0.5)
+    storages = {p.untyped_storage().data_ptr() for p in ema.module.parameters()}
+    assert len(storages) == 1  # every float32 parameter lives in one flat buffer
+    for (name, mine), theirs in zip(ema.module.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(mine, theirs) and mine.stride() == theirs.stride(), name
+    assert ema.module.tied.weight is ema.module.tied_again.weight
+    for _ in train_steps(model, 2):
+        ema.update()
+    for name, tensor in model.state_dict().items():  # the model itself is left as it was
+        assert tensor.untyped_storage().data_ptr() != ema.module.state_dict()[name].untyped_storage().data_ptr()
