@@ -15,6 +15,8 @@ import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import torch
+
 if TYPE_CHECKING:
     from fused_ema.plan import Group
 
@@ -59,6 +61,45 @@ class Backend:
         return not group.unchanged()
 
     def lerp_(self, group: Group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
+        raise NotImplementedError
+
+
+class FusedBackend(Backend):
+    """A kernel that walks a chunk table built once per group: the cpu, triton and cuda backends.
+
+    Eager updates run the cached table, which also notices swapped storages. Under torch.compile,
+    where a table's pointers cannot be traced, the list operator runs instead: one graph node.
+    Subclasses implement ``table_is_stale``, ``run_table`` and ``list_op``.
+    """
+
+    max_sets = 16  # the weights of one pass sit in a fixed-size array in every kernel
+
+    def cannot_run(self, group: Group) -> str | None:
+        reason = super().cannot_run(group)
+        if reason is None and len(group.averages) > self.max_sets:
+            reason = f"it updates at most {self.max_sets} average sets in one pass, got {len(group.averages)}"
+        return reason
+
+    def is_stale(self, group: Group) -> bool:
+        if torch.compiler.is_compiling():
+            return not group.unchanged()
+        return self.table_is_stale(group)
+
+    def lerp_(self, group: Group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
+        if torch.compiler.is_compiling():
+            averages = [average for averages in group.averages for average in averages]
+            self.list_op(averages, group.models, list(weights), list(group.tensor_indices),
+                         None if rounding_keys is None else list(rounding_keys))
+        else:
+            self.run_table(group, weights, rounding_keys)
+
+    def table_is_stale(self, group: Group) -> bool:
+        raise NotImplementedError
+
+    def run_table(self, group: Group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
+        raise NotImplementedError
+
+    def list_op(self, averages, models, weights, tensor_indices, rounding_keys) -> None:
         raise NotImplementedError
 
 

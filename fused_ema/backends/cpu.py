@@ -11,10 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-from fused_ema.backends import Backend
+from fused_ema.backends import FusedBackend
 
-# The kernel keeps one weight per set on the stack of each thread.
-MAX_SETS = 16
 DTYPES = {torch.float32, torch.float64, torch.float16, torch.bfloat16}
 
 
@@ -24,7 +22,7 @@ def _ops():
     return ops
 
 
-class CpuBackend(Backend):
+class CpuBackend(FusedBackend):
     """Runs a group with the C++ kernel: every pair and every average set in one parallel pass.
 
     ``averages[k][i] <- lerp(averages[k][i], models[i], weights[k])`` with ATen's formula, in float32
@@ -45,15 +43,11 @@ class CpuBackend(Backend):
 
     def cannot_run(self, group) -> str | None:
         reason = super().cannot_run(group)
-        if reason is None and len(group.averages) > MAX_SETS:
-            reason = f"it updates at most {MAX_SETS} average sets in one pass, got {len(group.averages)}"
         if reason is None and not {group.average_dtype, group.model_dtype} <= DTYPES:
             reason = f"it supports float32, float64, float16 and bfloat16, not {group.average_dtype} / {group.model_dtype}"
         return reason
 
-    def is_stale(self, group) -> bool:
-        if torch.compiler.is_compiling():
-            return not group.unchanged()
+    def table_is_stale(self, group) -> bool:
         table = group.cache.get("cpu_table")
         if table is None:
             # First update: the tensors may have changed since planning; a table that cannot be
@@ -67,12 +61,11 @@ class CpuBackend(Backend):
         # Also follows storages swapped in place (param.data = t), rebuilding the table silently.
         return table.refresh()
 
-    def lerp_(self, group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
-        if torch.compiler.is_compiling():
-            averages = [average for averages in group.averages for average in averages]
-            _ops().multi_lerp_(averages, group.models, weights, group.tensor_indices, rounding_keys)
-            return
+    def run_table(self, group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
         self._table(group).lerp_(weights, rounding_keys)
+
+    def list_op(self, averages, models, weights, tensor_indices, rounding_keys) -> None:
+        _ops().multi_lerp_(averages, models, weights, tensor_indices, rounding_keys)
 
     @staticmethod
     def _table(group):

@@ -13,10 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fused_ema.backends import Backend, chunk_table
-
-# csrc/cuda/multi_lerp_kernel.h: kMaxSets (the weights of one pass sit in shared memory).
-MAX_SETS = 16
+from fused_ema.backends import FusedBackend, chunk_table
 
 _REBUILD = "put the CUDA toolkit's nvcc on the PATH and reinstall with `pip install --no-build-isolation .`"
 
@@ -46,29 +43,20 @@ def _reason() -> str | None:
     return None
 
 
-class CudaBackend(Backend):
+class CudaBackend(FusedBackend):
     name = "cuda"
     device_types = ("cuda",)
 
     def unavailable_reason(self) -> str | None:
         return _reason()
 
-    def cannot_run(self, group) -> str | None:
-        reason = super().cannot_run(group)
-        if reason is None and len(group.averages) > MAX_SETS:
-            reason = f"it updates at most {MAX_SETS} average sets in one pass, got {len(group.averages)}"
-        return reason
-
-    def is_stale(self, group) -> bool:
-        if torch.compiler.is_compiling():
-            return not group.unchanged()  # pointers are not traceable; the op reads them at run time
+    def table_is_stale(self, group) -> bool:
         return chunk_table.is_stale(group)
 
-    def lerp_(self, group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
-        if torch.compiler.is_compiling():
-            averages = [average for averages in group.averages for average in averages]
-            _ops().multi_lerp_(averages, group.models, weights, group.tensor_indices, rounding_keys)
-            return
+    def list_op(self, averages, models, weights, tensor_indices, rounding_keys) -> None:
+        _ops().multi_lerp_(averages, models, weights, tensor_indices, rounding_keys)
+
+    def run_table(self, group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
         table = chunk_table.table(group)
         step_args = table.write_step_args(weights, rounding_keys)
         if table.chunk_count:

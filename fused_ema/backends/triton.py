@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fused_ema.backends import Backend, chunk_table
+from fused_ema.backends import FusedBackend, chunk_table
 
 try:
     import triton
@@ -248,7 +248,7 @@ def _reason() -> str | None:
     return None
 
 
-class TritonBackend(Backend):
+class TritonBackend(FusedBackend):
     name = "triton"
     # Only the interpreter runs on CPU tensors; "auto" never tries triton on CPU (see AUTO_ORDER).
     device_types = ("cuda", "cpu") if INTERPRET else ("cuda",)
@@ -256,18 +256,14 @@ class TritonBackend(Backend):
     def unavailable_reason(self) -> str | None:
         return _reason()
 
-    def is_stale(self, group) -> bool:
-        if torch.compiler.is_compiling():
-            return not group.unchanged()  # pointers are not traceable; the op checks them at run time
+    def table_is_stale(self, group) -> bool:
         return chunk_table.is_stale(group)
 
-    def lerp_(self, group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
-        if torch.compiler.is_compiling():
-            averages = [average for averages in group.averages for average in averages]
-            multi_lerp_op(averages, group.models, list(weights), list(group.tensor_indices),
-                          None if rounding_keys is None else list(rounding_keys))
-            return
+    def run_table(self, group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
         launch_(chunk_table.table(group), group.average_dtype, group.model_dtype, weights, rounding_keys)
+
+    def list_op(self, averages, models, weights, tensor_indices, rounding_keys) -> None:
+        multi_lerp_op(averages, models, weights, tensor_indices, rounding_keys)
 
 
 BACKEND = TritonBackend()
