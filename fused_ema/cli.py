@@ -1,0 +1,225 @@
+"""The ``fused-ema`` command: ``info`` (what runs here and why), ``bench`` (the numbers), ``demo``.
+
+Example::
+
+    fused-ema info
+    fused-ema bench --quick --json results.json --plot results.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import shlex
+import sys
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from fused_ema import backends as registry
+from fused_ema import benchmark
+
+PROGRAM = "fused-ema"
+
+
+def _error(message: str) -> int:
+    print(f"{PROGRAM}: error: {message}", file=sys.stderr)
+    return 2
+
+
+# ---------------------------------------------------------------------------------------------
+# info
+# ---------------------------------------------------------------------------------------------
+
+
+def _auto_choice(device_type: str) -> tuple[str | None, list[str]]:
+    """What "auto" picks for dense float32 tensors on ``device_type``, and why the others lost."""
+    from fused_ema.plan import Plan
+
+    order = registry.AUTO_ORDER.get(device_type, ("foreach",))
+    reasons = []
+    for name in order:
+        reason = registry.get(name).unavailable_reason()
+        if reason is None and name != "foreach" and device_type == "cpu":
+            probe = Plan([[torch.zeros(4)]], [torch.zeros(4)], backend="foreach").groups[0]
+            reason = registry.get(name).cannot_run(probe)
+        if reason is None:
+            break
+        reasons.append(f"{name}: {reason}")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return None, reasons
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the reasons are printed above; no need to warn as well
+        tensor = torch.zeros(4, device=device_type)
+        chosen = Plan([[tensor.clone()]], [tensor], backend="auto").backend_names
+    return ", ".join(chosen), reasons
+
+
+def info(_: argparse.Namespace | None = None) -> int:
+    """Print versions, the backends and why any is unavailable, and what "auto" picks."""
+    env = benchmark.environment()
+    import fused_ema
+
+    print(f"fused_ema  {env['fused_ema']} ({os.path.dirname(fused_ema.__file__)})")
+    print(f"torch      {env['torch']}")
+    print(f"triton     {env['triton'] or 'not installed (pip install triton; needed for the triton backend)'}")
+    print(f"python     {env['python']} ({env['platform']})")
+    print(
+        f"CPU        {env['cpu']}: {env['cores']} logical cores, {env['torch_threads']} torch threads, "
+        f"vector ISA {env['cpu_capability']}"
+    )
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())]
+        print(f"CUDA       {torch.version.cuda}: {', '.join(names)}")
+    else:
+        build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build of torch"
+        print(f"CUDA       no GPU visible ({build})")
+
+    print("\nBackends:")
+    status = registry.status()
+    width = max(map(len, status))
+    for name, reason in status.items():
+        print(f"  {name:<{width}}  {'available' if reason is None else 'not available: ' + reason}")
+
+    print('\nbackend="auto" (the default) picks the first of its order that can run the tensors:')
+    for device_type in ("cpu", "cuda"):
+        order = " > ".join(registry.AUTO_ORDER.get(device_type, ("foreach",)))
+        chosen, reasons = _auto_choice(device_type)
+        label = f"  {device_type.upper()} tensors"
+        if chosen is None:
+            print(f"{label}: no CUDA device here; on one, auto tries {order}")
+            continue
+        print(f"{label}: {chosen}  (order: {order})")
+        for reason in reasons:
+            print(f"      passed over {reason}")
+
+    value = os.environ.get(registry.ENVIRONMENT_VARIABLE)
+    names = ", ".join(name for name in registry.NAMES if name != "auto")
+    variable = registry.ENVIRONMENT_VARIABLE
+    if value:
+        print(f'\n{variable}={value}: overrides "auto" for this process (the picks above include it)')
+    else:
+        print(f'\n{variable} is not set; set it to one of {names} to override "auto" for a whole run')
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_device(device: str) -> str | None:
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as error:
+        return f"--device {device!r} is not a torch device ({error}); use cpu or cuda"
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else f"torch {torch.__version__} is CPU-only"
+        return (
+            f"--device {device}: torch sees no CUDA GPU ({build}); run on a machine with an NVIDIA GPU "
+            "and a CUDA build of torch, or leave out --device to benchmark on the CPU"
+        )
+    if parsed.type not in ("cpu", "cuda"):
+        return f"--device {device}: only cpu and cuda are benchmarked"
+    return None
+
+
+def bench(args: argparse.Namespace) -> int:
+    """Run the zoo against every contender and print the table (see :mod:`fused_ema.benchmark`)."""
+    problem = _check_device(args.device)
+    if problem:
+        return _error(problem)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        return _error(f"--plot needs matplotlib: pip install matplotlib (or pip install 'fused_ema[plot]')")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size = "quick" if args.quick else "default"
+    settings = benchmark.Settings.for_size(size)
+    if args.rounds:
+        settings.min_rounds = settings.max_rounds = args.rounds
+    report = benchmark.run(args.workload, size=size, device=args.device, backends=args.backend, settings=settings)
+    command = shlex.join([PROGRAM, *args.argv])
+    report.settings["command"] = command
+    print(benchmark.format_table(report))
+    print(f"Command: {command}")
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(report.to_json(), file, indent=1)
+        print(f"Raw results written to {args.json}", file=sys.stderr)
+    if args.plot:
+        benchmark.plot(report, args.plot)
+        print(f"Chart written to {args.plot}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------------------------
+
+
+def demo(argv: Sequence[str]) -> int:
+    """Hand ``fused-ema demo ...`` to ``fused_ema.examples.main``."""
+    try:
+        examples = importlib.import_module("fused_ema.examples")
+    except ModuleNotFoundError as error:
+        if error.name in ("fused_ema.examples", "fused_ema"):
+            return _error("the demo is not part of this install (fused_ema.examples is missing)")
+        return _error(f"the demo needs {error.name}: pip install 'fused_ema[examples]'")
+    return int(examples.main(list(argv)) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROGRAM, description="Fused weight averaging for PyTorch: what runs here, and how fast."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{info,bench,demo}")
+    commands.add_parser("info", help="versions, backends available here and why others are not, what 'auto' picks")
+    bench_parser = commands.add_parser(
+        "bench",
+        help="time fused_ema against torch, timm, ema-pytorch and torch_ema on a model zoo",
+        description=(
+            "Time every fused_ema backend and the libraries users would otherwise use on the same "
+            "tensors in the same process, interleaved, and report medians against the memory-bandwidth limit."
+        ),
+    )
+    bench_parser.add_argument("--quick", action="store_true", help="tiny models and few rounds (a smoke test, seconds)")
+    bench_parser.add_argument("--json", metavar="FILE", help="write the raw results (every sample) as JSON")
+    bench_parser.add_argument("--plot", metavar="FILE.png", help="draw a bar chart (needs matplotlib)")
+    bench_parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    bench_parser.add_argument(
+        "--workload", action="append", choices=list(benchmark.ZOO), metavar="NAME",
+        help=f"run only this workload (repeatable): {', '.join(benchmark.ZOO)}",
+    )
+    backend_names = [name for name in registry.NAMES]
+    bench_parser.add_argument(
+        "--backend", action="append", choices=backend_names, metavar="NAME",
+        help=f"time only these fused_ema backends (repeatable): {', '.join(backend_names)}",
+    )
+    bench_parser.add_argument(
+        "--rounds", type=int, metavar="N", help="interleaved rounds per workload (default: as many as fit its time)"
+    )
+    bench_parser.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads(N) first")
+    commands.add_parser(
+        "demo", help="run the examples (arguments are passed on; see fused-ema demo --help)", add_help=False
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fused-ema`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        return demo(argv[1:])
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    if args.command == "info":
+        return info(args)
+    return bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
