@@ -30,7 +30,9 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def is_dense(tensor: torch.Tensor) -> bool:
-    return torch._prims_common.is_non_overlapping_and_dense_or_false(tensor)
+    """Whether ``tensor`` covers a block of memory exactly (any order of dimensions)."""
+    # is_contiguous() is a C++ flag read; the general check runs in Python, so it comes last.
+    return tensor.is_contiguous() or torch._prims_common.is_non_overlapping_and_dense_or_false(tensor)
 
 
 @dataclass(eq=False)
