@@ -13,15 +13,27 @@ A failed build does not fail the install: fused_ema then compiles the extension 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import shutil
-import sys
 import warnings
+from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_build_config():
+    # By path: importing the fused_ema package here would need torch and its own extension.
+    spec = importlib.util.spec_from_file_location("fused_ema_build_config", os.path.join(HERE, "fused_ema", "build_config.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build_config = _load_build_config()
 
 
 def _sources(pattern: str) -> list[str]:
@@ -50,16 +62,9 @@ def _extensions() -> tuple[list, dict]:
                 warnings.warn(f"fused_ema: building {extension.name} failed ({error}); it will be "
                               "compiled on first use, or backend 'foreach' used if that fails too")
 
-    sources = ["csrc/ops.cpp", "csrc/tensor_watch.cpp", *_sources("csrc/cpu/*.cpp")]
+    sources = [os.path.relpath(path, HERE) for path in build_config.cpu_sources(Path(HERE) / "csrc")]
     headers = _sources("csrc/**/*.h") + _sources("csrc/**/*.cuh")
-    # at::parallel_for is a header template whose OpenMP pragma compiles away without -fopenmp:
-    # the kernels would then run on one thread. (Apple's clang has no OpenMP: one thread there.)
-    if os.name == "nt":
-        cxx_flags, link_flags = ["/O2", "/openmp"], []
-    elif sys.platform == "darwin":
-        cxx_flags, link_flags = ["-O3", "-g0"], []
-    else:
-        cxx_flags, link_flags = ["-O3", "-g0", "-fopenmp", "-Wno-unknown-pragmas"], ["-fopenmp"]
+    cxx_flags, link_flags = build_config.compile_flags()
     cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
     if torch.version.cuda and CUDA_HOME and cuda_sources:
         extension = CUDAExtension(

@@ -134,7 +134,7 @@ def bench(args: argparse.Namespace) -> int:
     if problem:
         return _error(problem)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
-        return _error(f"--plot needs matplotlib: pip install matplotlib (or pip install 'fused_ema[plot]')")
+        return _error("--plot needs matplotlib: pip install matplotlib (or pip install 'fused_ema[plot]')")
     if args.threads:
         torch.set_num_threads(args.threads)
     size = "quick" if args.quick else "default"

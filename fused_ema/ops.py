@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
 import torch
+
+from fused_ema import build_config
 
 _logger = logging.getLogger("fused_ema")
 
@@ -45,15 +46,9 @@ def _compile() -> ModuleType:
     compiler = os.environ.get("CXX", "c++")
     if os.name != "nt" and shutil.which(compiler) is None:
         raise _CannotCompile(f"the C++ extension was not built and no C++ compiler ({compiler!r}) was found; {_FIX}")
-    sources = [directory / "ops.cpp", directory / "tensor_watch.cpp", *sorted((directory / "cpu").glob("*.cpp"))]
+    sources = build_config.cpu_sources(directory)
     _logger.warning("fused_ema: compiling the C++ extension (once, about a minute; cached afterwards)")
-    # The same flags as setup.py: without OpenMP, at::parallel_for would run on one thread.
-    if os.name == "nt":
-        cflags, ldflags = ["/O2", "/openmp"], []
-    elif sys.platform == "darwin":
-        cflags, ldflags = ["-O3", "-g0"], []
-    else:
-        cflags, ldflags = ["-O3", "-g0", "-fopenmp", "-Wno-unknown-pragmas"], ["-fopenmp"]
+    cflags, ldflags = build_config.compile_flags()
     return cpp_extension.load(
         name="fused_ema_C",
         sources=[str(source) for source in sources],
