@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.optim import swa_utils
 from torch import nn
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))  # the source tree
@@ -55,7 +56,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=300, help="interleaved samples per contender")
     parser.add_argument("--calls", type=int, default=5, help="calls averaged into one sample")
     parser.add_argument("--backend", default="cpu")
-    parser.add_argument("--contenders", default="flat,foreach,plan,ema,refresh,run",
+    parser.add_argument("--contenders", default="flat,foreach,torch,plan,ema,refresh,run",
                         help="comma-separated subset to time (flat is always timed: the ratios need it)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
@@ -70,6 +71,8 @@ def main() -> None:
     weight = 1e-3
 
     ema = fused_ema.EMA(model, decay=1 - weight, backend=args.backend)
+    torch_average = swa_utils.AveragedModel(model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(1 - weight))
+    torch_average.update_parameters(model)
     # The plan updates the EMA's own averages: the two contenders share a working set, as the flat
     # limit and foreach each have theirs, so none evicts another's tensors more than the others do.
     plan = Plan([list(ema.module.parameters())], list(model), backend=args.backend)
@@ -78,6 +81,7 @@ def main() -> None:
         "foreach": lambda: torch._foreach_lerp_(foreach_averages, models, weight),
         "plan": lambda: plan.lerp_([weight]),
         "ema": ema.update,
+        "torch": lambda: torch_average.update_parameters(model),
     }
     with torch.no_grad():
         plan.lerp_([weight])
@@ -104,6 +108,8 @@ def main() -> None:
         line = f"  {name:8s} {median * 1e6:9.1f} us   {median / medians['flat']:6.2f}x flat"
         if "foreach" in medians:
             line += f"   {medians['foreach'] / median:6.2f}x faster than foreach"
+        if "torch" in medians:
+            line += f"   {medians['torch'] / median:6.2f}x faster than torch AveragedModel"
         print(line)
 
 
