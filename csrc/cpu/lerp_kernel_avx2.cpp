@@ -3,21 +3,7 @@
 // The ISA is set by a pragma for this file alone: setuptools gives every source the same flags.
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(_M_X64))
 #pragma GCC target("avx,avx2,fma,f16c")
-// g++ does not define the ISA macros for a target pragma; the headers (sleef.h) test them.
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
-// Lambdas inside at::vec's headers trip a note about the AVX calling convention; they are inlined.
-#pragma GCC diagnostic ignored "-Wpsabi"
+#include "isa_avx2_macros.h"
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #define FUSED_EMA_ISA isa_avx2

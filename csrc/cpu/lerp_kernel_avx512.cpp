@@ -4,19 +4,7 @@
 // The ISA is set by a pragma for this file alone: setuptools gives every source the same flags.
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(_M_X64))
 #pragma GCC target("avx,avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")
-// g++ does not define the ISA macros for a target pragma; the headers (sleef.h) test them.
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
+#include "isa_avx2_macros.h"
 #ifndef __AVX512F__
 #define __AVX512F__ 1
 #endif
@@ -29,8 +17,6 @@
 #ifndef __AVX512DQ__
 #define __AVX512DQ__ 1
 #endif
-// Lambdas inside at::vec's headers trip a note about the AVX calling convention; they are inlined.
-#pragma GCC diagnostic ignored "-Wpsabi"
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
 #define FUSED_EMA_ISA isa_avx512
