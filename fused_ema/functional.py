@@ -76,8 +76,6 @@ def multi_lerp_(
     plan.lerp_(weights, _rounding_keys(stochastic_rounding, seed, step, len(average_sets)))
 
 
-_FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
 
 @torch.compiler.assume_constant_result
 def _has_fused_op(device_type: str) -> bool:
@@ -104,8 +102,8 @@ def _traced_multi_lerp_(average_sets, models, weights, backend, rounding_keys) -
             for average in averages:
                 average.copy_(model)
         elif (backend not in ("reference", "foreach") and _has_fused_op(model.device.type)
-              and all(a.device == model.device and a.dtype in _FUSED_DTYPES for a in averages)
-              and model.dtype in _FUSED_DTYPES):
+              and all(a.device == model.device and a.dtype in backends.KERNEL_DTYPES for a in averages)
+              and model.dtype in backends.KERNEL_DTYPES):
             fused.append(index)
         else:
             per_pair.append(index)

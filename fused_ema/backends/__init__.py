@@ -33,6 +33,8 @@ _MODULES = {
 # What "auto" tries, fastest first, per device type; any other device type gets foreach.
 AUTO_ORDER = {"cpu": ("cpu", "foreach"), "cuda": ("cuda", "triton", "foreach")}
 NAMES = tuple(_MODULES) + ("auto",)
+# The dtypes every fused kernel handles, on either side of a pair and in any mix.
+KERNEL_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
 
 
 class Backend:
@@ -78,6 +80,8 @@ class FusedBackend(Backend):
         reason = super().cannot_run(group)
         if reason is None and len(group.averages) > self.max_sets:
             reason = f"it updates at most {self.max_sets} average sets in one pass, got {len(group.averages)}"
+        if reason is None and not {group.average_dtype, group.model_dtype} <= KERNEL_DTYPES:
+            reason = f"it supports float32, float64, float16 and bfloat16, not {group.average_dtype} / {group.model_dtype}"
         return reason
 
     def is_stale(self, group: Group) -> bool:

@@ -44,9 +44,8 @@ _dtype = attrgetter("dtype")
 
 
 def _pointers(group: Group) -> list[int]:
-    # map over a C method is the cheapest read there is from Python, yet about 0.1 us a tensor with the
-    # comparison: 1 ms for 4000 tensors and one average. A C++ table holding the handles would be
-    # microseconds (FINDINGS.md); this is the Python check the GPU backends start with.
+    # The fallback when the extension (and its TensorWatch) is not built: map over a C method is the
+    # cheapest read there is from Python, yet about 0.1 us a tensor with the comparison.
     pointers = list(map(_data_ptr, group.models))
     for averages in group.averages:
         pointers += map(_data_ptr, averages)

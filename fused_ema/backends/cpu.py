@@ -9,11 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 from fused_ema.backends import FusedBackend
 
-DTYPES = {torch.float32, torch.float64, torch.float16, torch.bfloat16}
 
 
 def _ops():
@@ -40,12 +37,6 @@ class CpuBackend(FusedBackend):
 
     def unavailable_reason(self) -> str | None:
         return _ops().UNAVAILABLE_REASON
-
-    def cannot_run(self, group) -> str | None:
-        reason = super().cannot_run(group)
-        if reason is None and not {group.average_dtype, group.model_dtype} <= DTYPES:
-            reason = f"it supports float32, float64, float16 and bfloat16, not {group.average_dtype} / {group.model_dtype}"
-        return reason
 
     def table_is_stale(self, group) -> bool:
         table = group.cache.get("cpu_table")
