@@ -19,7 +19,15 @@ import pytest
 import torch
 
 from fused_ema import backends
-from fused_ema.benchmark import BASELINE, ZOO, Contender, Skip, Workload, build_workload, contenders
+from fused_ema.benchmark import (
+    BASELINE,
+    ZOO,
+    Contender,
+    Skip,
+    Workload,
+    build_workload,
+    contenders,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

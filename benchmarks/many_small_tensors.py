@@ -28,12 +28,12 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch.optim import swa_utils
 from torch import nn
+from torch.optim import swa_utils
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))  # the source tree
-import fused_ema  # noqa: E402
-from fused_ema.plan import Plan  # noqa: E402
+import fused_ema
+from fused_ema.plan import Plan
 
 
 def _timer(update: Callable[[], None], calls: int) -> Callable[[], float]:

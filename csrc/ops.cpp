@@ -16,9 +16,10 @@ TORCH_LIBRARY(fused_ema, m) {
 }
 
 // Importing the module loads the library, which runs the registrations above; the module itself
-// only carries CpuTable, the persistent table of the CPU hot path, and TensorWatch, the staleness
-// check every fused backend's table shares.
+// carries what Python calls outside torch.compile: CpuTable (the persistent table of the CPU hot
+// path), lerp_lists_ (the functional API's CPU fast path), TensorWatch (the staleness check every
+// fused backend's table shares) and DictWatch (the plan cache's check of module registrations).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  fused_ema::bind_tensor_watch(module);
+  fused_ema::bind_watches(module);
   fused_ema::cpu::bind_cpu_table(module);
 }

@@ -1,12 +1,12 @@
-// TensorWatch (tensor_watch.h). Holding the at::Tensor handles is what makes `param.data = t` (which
-// swaps the storage inside the same TensorImpl) visible here, and `storage.resize_()` too (it
-// replaces the data inside the same StorageImpl): both show up as a new data address.
+// TensorWatch and DictWatch (tensor_watch.h). Reading each tensor through its Python object is what
+// makes `param.data = t` (which swaps the storage inside the same TensorImpl) and `storage.resize_()`
+// (which replaces the data inside the same StorageImpl) visible here as a new data address, and
+// torch.utils.swap_tensors (which gives the Python object another TensorImpl) as a stale table.
 #include <atomic>
 #include <utility>
 
 #include <ATen/Parallel.h>
-
-#include <torch/csrc/utils/pybind.h>
+#include <torch/csrc/autograd/python_variable.h>
 
 #include "tensor_watch.h"
 
@@ -19,13 +19,12 @@
 namespace fused_ema {
 namespace {
 
-// Each tensor costs a few cache lines (its TensorImpl, then its StorageImpl), about 5 ns a tensor on
-// one core here. A second thread already pays off at 1000 tensors (4.4 us instead of 5.2; 8000
-// tensors: 27 us instead of 42; benchmarks/many_small_tensors.py, 2 cores).
+// Each tensor costs a few cache lines (its Python object, its TensorImpl, then its StorageImpl),
+// a few ns a tensor on one core here; a second thread pays off from about 1000 tensors.
 constexpr int64_t kParallelMinTensors = 1024;
 constexpr int64_t kCheckGrain = 512;
-// Two stages ahead: the TensorImpl first, then (once it has arrived) the StorageImpl it points to.
-constexpr int64_t kPrefetchAhead = 8;
+// Three stages ahead: the Python object, then the TensorImpl it holds, then its StorageImpl.
+constexpr int64_t kPrefetchAhead = 6;
 
 const char* state_name(WatchState state) {
   switch (state) {
@@ -38,10 +37,17 @@ const char* state_name(WatchState state) {
 
 }  // namespace
 
-TensorWatch::TensorWatch(std::vector<at::Tensor> tensors) : tensors_(std::move(tensors)) {
-  snapshots_.reserve(tensors_.size());
-  for (size_t index = 0; index < tensors_.size(); ++index) {
-    const at::Tensor& tensor = tensors_[index];
+const at::Tensor& unpack_tensor(PyObject* object) { return THPVariable_Unpack(object); }
+
+TensorWatch::TensorWatch(const pybind11::sequence& tensors) {
+  const auto count = static_cast<size_t>(pybind11::len(tensors));
+  objects_.reserve(count);
+  snapshots_.reserve(count);
+  for (size_t index = 0; index < count; ++index) {
+    pybind11::object object = tensors[index];
+    TORCH_CHECK_TYPE(THPVariable_Check(object.ptr()), "fused_ema: TensorWatch got a ",
+                     Py_TYPE(object.ptr())->tp_name, " at position ", index, "; pass tensors only");
+    const at::Tensor& tensor = THPVariable_Unpack(object.ptr());
     TORCH_CHECK_VALUE(tensor.defined(), "fused_ema: TensorWatch got an undefined tensor at position ", index,
                       "; pass defined tensors only");
     const c10::TensorImpl* impl = tensor.unsafeGetTensorImpl();
@@ -49,8 +55,10 @@ TensorWatch::TensorWatch(std::vector<at::Tensor> tensors) : tensors_(std::move(t
     TORCH_CHECK_VALUE(storage != nullptr && tensor.layout() == c10::kStrided, "fused_ema: TensorWatch got a ",
                       tensor.layout(), " tensor without storage at position ", index,
                       "; only strided tensors with storage have addresses to watch");
-    snapshots_.push_back({impl, storage->data(), impl->storage_offset(), static_cast<int64_t>(layouts_.size()),
-                          static_cast<int32_t>(impl->dim()), impl->dtype(), impl->device()});
+    snapshots_.push_back({object.ptr(), impl, storage->data(), impl->storage_offset(),
+                          static_cast<int64_t>(layouts_.size()), static_cast<int32_t>(impl->dim()), impl->dtype(),
+                          impl->device()});
+    objects_.push_back(std::move(object));
     layouts_.insert(layouts_.end(), impl->sizes().begin(), impl->sizes().end());
     layouts_.insert(layouts_.end(), impl->strides().begin(), impl->strides().end());
   }
@@ -59,18 +67,28 @@ TensorWatch::TensorWatch(std::vector<at::Tensor> tensors) : tensors_(std::move(t
 bool TensorWatch::check_range(int64_t begin, int64_t end, bool* moved) {
   bool range_moved = false;
   for (int64_t i = begin; i < end; ++i) {
-    // Thousands of TensorImpls scattered over the heap: the cache misses dominate this loop.
+    // Thousands of objects scattered over the heap: the cache misses dominate this loop.
+    if (i + 3 * kPrefetchAhead < end) {
+      FUSED_EMA_WATCH_PREFETCH(reinterpret_cast<const char*>(snapshots_[i + 3 * kPrefetchAhead].object) + 16);
+    }
     if (i + 2 * kPrefetchAhead < end) {
-      const char* ahead = reinterpret_cast<const char*>(snapshots_[i + 2 * kPrefetchAhead].impl);
+      const char* ahead = reinterpret_cast<const char*>(
+          unpack_tensor(snapshots_[i + 2 * kPrefetchAhead].object).unsafeGetTensorImpl());
       for (size_t line = 0; line < sizeof(c10::TensorImpl); line += 64) {
         FUSED_EMA_WATCH_PREFETCH(ahead + line);
       }
     }
     if (i + kPrefetchAhead < end) {
-      FUSED_EMA_WATCH_PREFETCH(snapshots_[i + kPrefetchAhead].impl->unsafe_storage().unsafeGetStorageImpl());
+      FUSED_EMA_WATCH_PREFETCH(unpack_tensor(snapshots_[i + kPrefetchAhead].object)
+                                   .unsafeGetTensorImpl()
+                                   ->unsafe_storage()
+                                   .unsafeGetStorageImpl());
     }
     Snapshot& snapshot = snapshots_[i];
-    const c10::TensorImpl* impl = snapshot.impl;
+    const c10::TensorImpl* impl = unpack_tensor(snapshot.object).unsafeGetTensorImpl();
+    if (impl != snapshot.impl) {
+      return false;
+    }
     const c10::StorageImpl* storage = impl->unsafe_storage().unsafeGetStorageImpl();
     const int32_t dim = snapshot.dim;
     if (storage == nullptr || impl->dim() != dim || impl->dtype() != snapshot.dtype ||
@@ -109,6 +127,8 @@ WatchState TensorWatch::refresh() {
   if (count < kParallelMinTensors || at::in_parallel_region()) {
     ok = check_range(0, count, &moved);
   } else {
+    // The worker threads only read memory: the Python objects cannot change while this thread
+    // holds the GIL.
     std::atomic<bool> any_stale{false}, any_moved{false};
     at::parallel_for(0, count, kCheckGrain, [&](int64_t begin, int64_t end) {
       bool range_moved = false;
@@ -129,19 +149,70 @@ WatchState TensorWatch::refresh() {
   return moved ? WatchState::kMoved : WatchState::kUnchanged;
 }
 
-void bind_tensor_watch(pybind11::module_& module) {
-  namespace py = pybind11;
-  py::class_<TensorWatch> watch(module, "TensorWatch", R"(A snapshot of tensors' metadata, re-checked cheaply.
+DictWatch::DictWatch(const pybind11::sequence& dicts) {
+  const auto count = static_cast<size_t>(pybind11::len(dicts));
+  dicts_.reserve(count);
+  for (size_t index = 0; index < count; ++index) {
+    pybind11::object dict = dicts[index];
+    TORCH_CHECK_TYPE(PyDict_Check(dict.ptr()), "fused_ema: DictWatch got a ", Py_TYPE(dict.ptr())->tp_name,
+                     " at position ", index, "; pass dicts only");
+    dicts_.push_back({dict.ptr(), PyDict_GET_SIZE(dict.ptr()), static_cast<int64_t>(items_.size())});
+    Py_ssize_t position = 0;
+    PyObject *key = nullptr, *value = nullptr;
+    while (PyDict_Next(dict.ptr(), &position, &key, &value)) {
+      items_.push_back(key);
+      items_.push_back(value);
+      owned_.push_back(pybind11::reinterpret_borrow<pybind11::object>(key));
+      owned_.push_back(pybind11::reinterpret_borrow<pybind11::object>(value));
+    }
+    owned_.push_back(std::move(dict));
+  }
+}
 
-TensorWatch(tensors) records each tensor's dtype, device, sizes, strides and data address.
-refresh() re-reads them (metadata only: no data access, no device sync, fine for CUDA tensors) and
-returns "unchanged", "moved" (only addresses changed, e.g. `param.data = t` with the
-same dtype and layout; the snapshot now holds the new addresses) or "stale" (a dtype, device, shape
-or stride changed; sticky: build a new watch from the tensors as they are now).)");
-  watch.def(py::init<std::vector<at::Tensor>>(), py::arg("tensors"))
+bool DictWatch::changed() const {
+  for (const Snapshot& snapshot : dicts_) {
+    if (PyDict_GET_SIZE(snapshot.dict) != snapshot.size) {
+      return true;
+    }
+    if (snapshot.size == 0) {
+      continue;
+    }
+    const PyObject* const* item = items_.data() + snapshot.first;
+    Py_ssize_t position = 0;
+    PyObject *key = nullptr, *value = nullptr;
+    while (PyDict_Next(snapshot.dict, &position, &key, &value)) {
+      if (key != item[0] || value != item[1]) {
+        return true;
+      }
+      item += 2;
+    }
+  }
+  return false;
+}
+
+void bind_watches(pybind11::module_& module) {
+  namespace py = pybind11;
+  py::class_<TensorWatch>(module, "TensorWatch", R"(A snapshot of tensors' metadata, re-checked cheaply.
+
+TensorWatch(tensors) records which TensorImpl each Python tensor holds and its dtype, device, sizes,
+strides and data address. refresh() re-reads them (metadata only: no data access, no device sync,
+fine for CUDA tensors) and returns "unchanged", "moved" (only addresses changed, e.g.
+`param.data = t` with the same dtype and layout; the snapshot now holds the new addresses) or
+"stale" (a dtype, device, shape or stride changed, or torch.utils.swap_tensors gave a tensor another
+TensorImpl; sticky: build a new watch from the tensors as they are now). Holds no strong handle on
+any TensorImpl, so swap_tensors works on the watched tensors.)")
+      .def(py::init<const py::sequence&>(), py::arg("tensors"))
       .def("refresh", [](TensorWatch& self) { return state_name(self.refresh()); })
       .def_property_readonly("stale", &TensorWatch::stale)
       .def("__len__", &TensorWatch::size);
+  py::class_<DictWatch>(module, "DictWatch", R"(A snapshot of dicts' entries, compared by identity.
+
+DictWatch(dicts); changed() is True once any dict gained, lost or replaced a key or value. Given a
+module's _parameters, _buffers and _modules dicts, it notices every registration, replacement and
+removal, including `module._parameters[name] = p`, which runs no registration hook.)")
+      .def(py::init<const py::sequence&>(), py::arg("dicts"))
+      .def("changed", &DictWatch::changed)
+      .def("__len__", &DictWatch::size);
 }
 
 }  // namespace fused_ema

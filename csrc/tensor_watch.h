@@ -1,20 +1,28 @@
-// TensorWatch: a snapshot of the metadata of a list of tensors (dtype, device, sizes, strides, data
-// address), and the cheap per-update check that tells whether a table of raw pointers built from
-// them can still run. Shared by the CPU table (csrc/cpu/table.cpp) and, through pybind, by the GPU
-// backends' device chunk table (fused_ema/backends/chunk_table.py).
+// The cheap per-update checks that tell whether tables built from Python objects can still run.
 //
+// TensorWatch: a snapshot of the metadata of a list of Python tensors (which TensorImpl each holds,
+// its dtype, device, sizes, strides and data address). Shared by the CPU table (csrc/cpu/table.cpp)
+// and, through pybind, by the GPU backends' device chunk table (fused_ema/backends/chunk_table.py).
 // It reads TensorImpl and StorageImpl fields only, never tensor data, so it works alike for CPU and
 // device tensors and never synchronises with a device.
+//
+// DictWatch: a snapshot of the entries of Python dicts (a module's _parameters, _buffers and
+// _modules), compared by identity: it notices `module._parameters[name] = p`, `del module.weight`
+// and the buffers `model.to()` replaces, which no registration hook reports.
+//
+// Neither holds an at::Tensor, strong or weak: torch.utils.swap_tensors (load_state_dict and
+// Module.to() under torch.__future__.set_swap_module_params_on_conversion(True)) refuses a tensor
+// whose TensorImpl has any other handle. They keep the Python objects instead (a Python reference
+// does not count) and read the TensorImpl each object holds at every check. A TensorImpl address is
+// only compared, never read after the object let go of it: should a new TensorImpl reuse the address,
+// the checks of dtype, layout and data address that follow still decide whether a table may run.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
-
-namespace pybind11 {
-class module_;
-}
+#include <torch/csrc/utils/pybind.h>
 
 // pybind11 is built with hidden visibility; the types it binds must not be more visible than it.
 #if defined(__GNUC__) && !defined(_WIN32)
@@ -26,14 +34,18 @@ namespace fused_ema {
 enum class WatchState : int {
   kUnchanged = 0,  // every tensor as in the snapshot
   kMoved = 1,      // only data addresses changed (param.data = t of the same dtype and layout)
-  kStale = 2,      // a dtype, device, shape or stride changed: tables built from the snapshot are void
+  kStale = 2,      // a dtype, device, shape or stride changed, or a Python tensor now holds another
+                   // TensorImpl (torch.utils.swap_tensors): tables built from the snapshot are void
 };
+
+// The tensor a Python tensor object holds now. The caller holds the GIL or keeps the object alive.
+const at::Tensor& unpack_tensor(PyObject* object);
 
 class TensorWatch {
  public:
   TensorWatch() = default;
-  // Rejects undefined tensors and tensors without storage, whose addresses cannot be watched.
-  explicit TensorWatch(std::vector<at::Tensor> tensors);
+  // Python tensors; rejects non-tensors and tensors without storage, whose addresses cannot be watched.
+  explicit TensorWatch(const pybind11::sequence& tensors);
 
   // Re-reads every tensor and compares it with the snapshot. kMoved also updates the snapshot's
   // data addresses, so the next call reports kUnchanged unless something moved again. kStale is
@@ -41,12 +53,14 @@ class TensorWatch {
   WatchState refresh();
 
   bool stale() const { return stale_; }
-  const std::vector<at::Tensor>& tensors() const { return tensors_; }
+  // The tensor that Python object `index` holds now (valid while the GIL is held).
+  const at::Tensor& tensor(int64_t index) const { return unpack_tensor(objects_[index].ptr()); }
   int64_t size() const { return static_cast<int64_t>(snapshots_.size()); }
 
  private:
   struct Snapshot {
-    const c10::TensorImpl* impl;  // kept alive by tensors_
+    PyObject* object;             // kept alive by objects_
+    const c10::TensorImpl* impl;  // compared, never read: the object may hold another one now
     const void* storage_data;     // the address is storage_data + storage_offset elements
     int64_t storage_offset;
     int64_t layout;  // offset of its sizes, then strides, in layouts_
@@ -58,13 +72,33 @@ class TensorWatch {
   // Checks snapshots [begin, end): false when one is stale; sets *moved when an address changed.
   bool check_range(int64_t begin, int64_t end, bool* moved);
 
-  std::vector<at::Tensor> tensors_;
+  std::vector<pybind11::object> objects_;
   std::vector<Snapshot> snapshots_;
   std::vector<int64_t> layouts_;
   bool stale_ = false;
 };
 
-void bind_tensor_watch(pybind11::module_& module);
+class DictWatch {
+ public:
+  explicit DictWatch(const pybind11::sequence& dicts);
+
+  // Whether any dict gained, lost or replaced an entry (keys and values compared by identity).
+  bool changed() const;
+  int64_t size() const { return static_cast<int64_t>(dicts_.size()); }
+
+ private:
+  struct Snapshot {
+    PyObject* dict;
+    Py_ssize_t size;
+    int64_t first;  // index of its first key in items_ (key, value, key, value, ...)
+  };
+
+  std::vector<pybind11::object> owned_;  // dicts, keys and values: no address reused while watched
+  std::vector<Snapshot> dicts_;
+  std::vector<PyObject*> items_;
+};
+
+void bind_watches(pybind11::module_& module);
 
 }  // namespace fused_ema
 

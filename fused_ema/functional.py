@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from fused_ema import backends
-from fused_ema.plan import Plan, check_pairs, check_weights
+from fused_ema.plan import Plan, check_weights, traced_lerp_
 from fused_ema.rounding import rounding_key
 
 
@@ -66,53 +66,31 @@ def multi_lerp_(
         fast, slow = [clone(model) for _ in range(2)]
         fused_ema.multi_lerp_([fast, slow], list(model.parameters()), [1e-2, 1e-4])
     """
+    # Iterators (model.parameters()) would be used up by a path that declines: read them once.
+    average_sets = [averages if isinstance(averages, (list, tuple)) else list(averages) for averages in average_sets]
+    models = models if isinstance(models, (list, tuple)) else list(models)
     if len(weights) != len(average_sets):
         raise ValueError(f"got {len(weights)} weights for {len(average_sets)} average sets")
+    keys = _rounding_keys(stochastic_rounding, seed, step, len(average_sets))
     if torch.compiler.is_compiling():
-        _traced_multi_lerp_(average_sets, models, check_weights(weights), backend,
-                            _rounding_keys(stochastic_rounding, seed, step, len(average_sets)))
+        traced_lerp_(average_sets, models, check_weights(weights), backend, keys)
         return
-    plan = Plan(average_sets, models, backend=backend)
-    plan.lerp_(weights, _rounding_keys(stochastic_rounding, seed, step, len(average_sets)))
+    name = backends.requested(backends.check_name(backend))
+    if name in ("auto", "cpu"):
+        # Lists passed per call: one C++ call reads them and builds its tables on the stack, so no
+        # plan is kept (and no weak reference made) for tensors that may never come back. It
+        # declines, writing nothing, whatever it does not take as it is: the plan handles that.
+        weights = check_weights(weights)
+        lerp_lists_ = _cpu_fast_path()
+        if lerp_lists_ is not None and lerp_lists_(average_sets, models, weights, keys):
+            return
+    Plan(average_sets, models, backend=backend).lerp_(weights, keys)
 
 
-
-@torch.compiler.assume_constant_result
-def _has_fused_op(device_type: str) -> bool:
-    """Whether torch.ops.fused_ema.multi_lerp_ runs on this device type (loads the extension)."""
+def _cpu_fast_path():
+    """The C++ extension's ``lerp_lists_``, or None when the cpu backend cannot run here."""
     if backends.get("cpu").unavailable_reason() is not None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fused_ema::multi_lerp_", device_type.upper())
+        return None
+    from fused_ema import ops
 
-
-def _traced_multi_lerp_(average_sets, models, weights, backend, rounding_keys) -> None:
-    """The update as torch.compile sees it: one fused operator node, no plan or table.
-
-    The eager path's Plan keeps C++ tables and Python caches that the compiler cannot trace; here
-    every fusable pair goes to ``torch.ops.fused_ema.multi_lerp_`` (which inductor runs in place),
-    and the rest to the reference's torch ops, which the compiler fuses itself.
-    """
-    from fused_ema.backends.reference import lerp_pair_
-
-    check_pairs(average_sets, models)
-    fused, per_pair = [], []
-    for index, model in enumerate(models):
-        averages = [average_set[index] for average_set in average_sets]
-        if not model.is_floating_point():
-            for average in averages:
-                average.copy_(model)
-        elif (backend not in ("reference", "foreach") and _has_fused_op(model.device.type)
-              and all(a.device == model.device and a.dtype in backends.KERNEL_DTYPES for a in averages)
-              and model.dtype in backends.KERNEL_DTYPES):
-            fused.append(index)
-        else:
-            per_pair.append(index)
-    if fused:
-        torch.ops.fused_ema.multi_lerp_(
-            [average_set[index] for average_set in average_sets for index in fused],
-            [models[index] for index in fused], weights, fused, rounding_keys,
-        )
-    for index in per_pair:
-        for set_index, weight in enumerate(weights):
-            key = None if rounding_keys is None else rounding_keys[set_index]
-            lerp_pair_(average_sets[set_index][index], models[index], weight, key, index)
+    return ops._C.lerp_lists_

@@ -1,44 +1,57 @@
 """Module plumbing shared by the wrappers: unwrap, copy, pair tensors by name, notice changes.
 
 The wrappers pair an averaged copy with the live model by parameter and buffer name, build a
-:class:`~fused_ema.plan.Plan` once, and rebuild it only when something changed: a parameter,
-buffer or submodule was registered anywhere (counted by torch's global registration hooks), a
-buffer object was replaced (``model.to()`` does that without a hook), or another model was passed.
-Storage swaps inside the same tensor (``param.data = t``) are the plan's backends' to notice.
+:class:`~fused_ema.plan.Plan` once, and rebuild it only when one of those two models changed: a
+parameter, buffer or submodule registered, replaced or removed in either of them (including
+``module._parameters[name] = p`` and the buffers ``model.to()`` replaces, which no registration
+hook reports), or another live model passed. Nothing here is process-wide: a registration in any
+other module of the process costs nothing and rebuilds nothing. Storage swaps inside the same
+tensor (``param.data = t``) are the plan's backends' to notice.
 """
 
 from __future__ import annotations
 
 import collections
 import copy
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
-from torch.nn.modules import module as _module
 
 from fused_ema import distributed
 from fused_ema.plan import Plan, is_dense
 
-_registrations = 0
+
+class _PythonDictWatch:
+    """The C++ ``DictWatch`` (csrc/tensor_watch.h) when the extension is not built: same answers, slower."""
+
+    def __init__(self, dicts: Sequence[dict]) -> None:
+        self._snapshot = [(d, list(d.items())) for d in dicts]
+
+    def changed(self) -> bool:
+        return any(
+            len(d) != len(items) or any(
+                key is not old_key or value is not old_value
+                for (key, value), (old_key, old_value) in zip(d.items(), items)
+            )
+            for d, items in self._snapshot
+        )
 
 
-def _count_registration(*_args) -> None:
-    global _registrations
-    _registrations += 1
-
-
-for _register in (
-    _module.register_module_parameter_registration_hook,
-    _module.register_module_buffer_registration_hook,
-    _module.register_module_module_registration_hook,
-):
-    _register(_count_registration)
-
-
-def registration_count() -> int:
-    """How many parameters, buffers and modules were registered in this process so far."""
-    return _registrations
+def _watch_registrations(modules: Iterable[nn.Module]):
+    """A check that turns True once a parameter, buffer or submodule of ``modules`` is registered,
+    replaced or removed (every submodule included; entries compared by identity)."""
+    seen: set[int] = set()
+    dicts = []
+    for module in modules:
+        for submodule in module.modules():
+            if id(submodule) not in seen:
+                seen.add(id(submodule))
+                dicts += (submodule._parameters, submodule._buffers, submodule._modules)
+    # The extension as the cpu backend loaded it; never compiled here just for this check.
+    extension = getattr(sys.modules.get("fused_ema.ops"), "_C", None)
+    return _PythonDictWatch(dicts) if extension is None else extension.DictWatch(dicts)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -131,39 +144,32 @@ def pair_by_name(
     return [averaged_tensors[n] for n in names], [model_tensors[n] for n in names]
 
 
-def _buffer_slots(modules: Sequence[nn.Module]) -> list[tuple[dict, str, torch.Tensor]]:
-    return [
-        (submodule._buffers, name, buffer)
-        for module in modules
-        for submodule in module.modules()
-        for name, buffer in submodule._buffers.items()
-        if buffer is not None
-    ]
-
-
 class Binding:
     """The plan that updates ``averaged`` modules from one live model, rebuilt only on change.
 
     ``average_buffers``: floating buffers are averaged like parameters; otherwise every buffer is
-    copied from the model on each update (torch's ``use_buffers=False``).
+    copied from the model on each update (torch's ``use_buffers=False``). ``plan_builds`` counts the
+    plans built so far: a registration elsewhere in the process leaves it as it is.
     """
 
     def __init__(self, averaged: Sequence[nn.Module], *, average_buffers: bool, backend: str) -> None:
         self.averaged = list(averaged)
         self.average_buffers = average_buffers
         self.backend = backend
+        self.plan_builds = 0
         self._model: nn.Module | None = None
         self._plan: Plan | None = None
+        self._tensors: list[list[torch.Tensor]] | None = None
+        self._watch = None
 
     def plan(self, model: nn.Module) -> Plan:
-        """The plan for ``model``: cached while nothing was registered or replaced."""
-        if (
-            self._plan is None
-            or model is not self._model
-            or self._registrations != _registrations
-            or not all(slots.get(name) is buffer for slots, name, buffer in self._slots)
-        ):
-            self._plan = self._build(model)
+        """The plan for ``model``: cached while neither model registered, replaced or removed anything.
+
+        Raises ValueError naming the tensor when the two models no longer pair up (a parameter
+        removed from one of them, say), at every call until they do again.
+        """
+        if self._plan is None or model is not self._model or self._watch.changed():
+            self._build(model)
         return self._plan
 
     def pairs(self, model: nn.Module, index: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -176,23 +182,24 @@ class Binding:
             models += [model_buffers[i] for i in floating]
         return averages, models
 
-    def _build(self, model: nn.Module) -> Plan:
-        tensors = self._collect(model)
+    def _build(self, model: nn.Module) -> None:
+        tensors = self._collect(model)  # raises, leaving the cache stale, when the models do not pair up
         if self._plan is None or any(
             len(new) != len(old) or any(a is not b for a, b in zip(new, old))
             for new, old in zip(tensors, self._tensors)
         ):
             average_sets, models, copy_targets, copy_sources = tensors[:-3], tensors[-3], tensors[-2], tensors[-1]
             self._plan = Plan(average_sets, models, backend=self.backend, copies=(copy_targets, copy_sources))
+            self.plan_builds += 1
         self._tensors = tensors
-        self._model, self._registrations = model, _registrations
-        self._slots = _buffer_slots([model, *self.averaged])
-        return self._plan
+        self._model = model
+        # After pairing: pair_by_name reshards FSDP2 modules, which re-registers their parameters.
+        self._watch = _watch_registrations([model, *self.averaged])
 
     def _collect(self, model: nn.Module) -> list[list[torch.Tensor]]:
         """[averages of set 0, ..., averages of set K-1, models, copy targets, copy sources]."""
         average_sets, models, copy_targets, copy_sources = [], [], [], []
-        for index, averaged in enumerate(self.averaged):
+        for averaged in self.averaged:
             averages, models = pair_by_name(averaged, model, buffers=False)
             buffers, model_buffers = pair_by_name(averaged, model, buffers=True)
             if self.average_buffers:
@@ -204,5 +211,5 @@ class Binding:
         return [*average_sets, models, copy_targets, copy_sources]
 
     def __getstate__(self) -> dict:
-        # A copy (deepcopy, pickle) rebuilds its plan on first use: tables hold tensor handles.
-        return {**self.__dict__, "_plan": None, "_model": None, "_tensors": None, "_slots": []}
+        # A copy (deepcopy, pickle) rebuilds its plan on first use: tables and watches hold handles.
+        return {**self.__dict__, "_plan": None, "_model": None, "_tensors": None, "_watch": None}

@@ -76,7 +76,7 @@ def _load() -> tuple[ModuleType | None, str | None]:
 
 
 _C, UNAVAILABLE_REASON = _load()
-"""The loaded extension module (``CpuTable`` and ``TensorWatch`` live there) and, when it could not load, why not."""
+"""The loaded extension module (``CpuTable``, ``lerp_lists_``, ``TensorWatch``, ``DictWatch``) and, when it could not load, why not."""
 
 
 def multi_lerp_(

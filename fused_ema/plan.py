@@ -7,16 +7,14 @@ grouped and nothing of the math: the weight arrives from the caller, the kernels
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from fused_ema import backends
+from fused_ema.backends.base import KERNEL_DTYPES, Group, StalePlanError
 
-
-class StalePlanError(RuntimeError):
-    """Raised by a backend, before it writes anything, when a tensor changed dtype, device or layout."""
+__all__ = ["Group", "Plan", "StalePlanError", "check_pairs", "check_weights", "is_dense", "local_tensor",
+           "traced_lerp_"]
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -33,40 +31,6 @@ def is_dense(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` covers a block of memory exactly (any order of dimensions)."""
     # is_contiguous() is a C++ flag read; the general check runs in Python, so it comes last.
     return tensor.is_contiguous() or torch._prims_common.is_non_overlapping_and_dense_or_false(tensor)
-
-
-@dataclass(eq=False)
-class Group:
-    """Pairs that share devices and dtypes: one backend call updates all of them.
-
-    ``averages[k][i]`` is pair ``i`` of average set ``k``; every set shares ``models``.
-    ``fusable`` means every pair is dense with identical strides on one device, so a kernel may
-    treat each tensor as flat memory. ``cache`` belongs to the backend (its chunk table, say).
-    """
-
-    device: torch.device
-    model_device: torch.device
-    average_dtype: torch.dtype
-    model_dtype: torch.dtype
-    averages: list[list[torch.Tensor]]
-    models: list[torch.Tensor]
-    tensor_indices: list[int]
-    fusable: bool
-    backend: Any = None
-    cache: dict = field(default_factory=dict)
-
-    @property
-    def numel(self) -> int:
-        return sum(model.numel() for model in self.models)
-
-    def unchanged(self) -> bool:
-        """Cheap check that no tensor changed dtype, device or shape since the plan was built."""
-        average_dtype, model_dtype = self.average_dtype, self.model_dtype
-        return all(m.dtype == model_dtype and m.device == self.model_device for m in self.models) and all(
-            a.dtype == average_dtype and a.device == self.device and a.shape == m.shape
-            for averages in self.averages
-            for a, m in zip(averages, self.models)
-        )
 
 
 def _describe(tensor: torch.Tensor) -> str:
@@ -145,10 +109,12 @@ class Plan:
         self.average_sets = [[local_tensor(t) for t in averages] for averages in average_sets]
         self.models = [local_tensor(t) for t in models]
         self.extra_copies = ([local_tensor(t) for t in copies[0]], [local_tensor(t) for t in copies[1]])
+        self.builds = 0  # times the groups were built: 1, plus one per regrouping after a change
         self._build()
 
     def _build(self) -> None:
         check_pairs(self.average_sets, self.models)  # again on a rebuild: a shape may have changed
+        self.builds += 1
         grouped: dict[tuple, Group] = {}
         copy_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         for index, model in enumerate(self.models):
@@ -190,6 +156,11 @@ class Plan:
         if len(weights) != len(self.average_sets):
             raise ValueError(f"got {len(weights)} weights for {len(self.average_sets)} average sets")
         weights = check_weights(weights)
+        if torch.compiler.is_compiling():
+            # Tables of pointers cannot be traced: the compiled graph gets the list operator instead.
+            traced_lerp_(self.average_sets, self.models, weights, self.backend, rounding_keys)
+            self.copy_()
+            return
         try:
             self._run(weights, rounding_keys)
         except StalePlanError:
@@ -229,3 +200,51 @@ class Plan:
             flags = [flag.to(self.groups[0].model_device, non_blocking=True) for flag in flags]
         finite = torch.stack(flags).all()
         return bool(finite) if finite.device.type == "cpu" else finite
+
+
+@torch.compiler.assume_constant_result
+def _has_fused_op(device_type: str) -> bool:
+    """Whether torch.ops.fused_ema.multi_lerp_ runs on this device type (loads the extension)."""
+    if backends.get("cpu").unavailable_reason() is not None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fused_ema::multi_lerp_", device_type.upper())
+
+
+def traced_lerp_(
+    average_sets: Sequence[Sequence[torch.Tensor]],
+    models: Sequence[torch.Tensor],
+    weights: list[float],
+    backend: str,
+    rounding_keys: Sequence[int] | None,
+) -> None:
+    """The update as torch.compile sees it, for plans and the functional API alike: no table, no cache.
+
+    Every pair a fused kernel takes goes to ``torch.ops.fused_ema.multi_lerp_`` (one graph node,
+    which inductor runs in place), the rest to the reference's torch ops, which the compiler fuses
+    itself; integer pairs are copied. Same results as the eager path.
+    """
+    from fused_ema.backends.reference import lerp_pair_
+
+    check_pairs(average_sets, models)
+    fused, per_pair = [], []
+    for index, model in enumerate(models):
+        averages = [average_set[index] for average_set in average_sets]
+        if not model.is_floating_point():
+            for average in averages:
+                average.copy_(model)
+        elif (backend not in ("reference", "foreach") and _has_fused_op(model.device.type)
+              and all(a.device == model.device and a.dtype in KERNEL_DTYPES for a in averages)
+              and model.dtype in KERNEL_DTYPES):
+            fused.append(index)
+        else:
+            per_pair.append(index)
+    if fused:
+        torch.ops.fused_ema.multi_lerp_(
+            [average_set[index] for average_set in average_sets for index in fused],
+            [models[index] for index in fused], list(weights), fused,
+            None if rounding_keys is None else list(rounding_keys),
+        )
+    for index in per_pair:
+        for set_index, weight in enumerate(weights):
+            key = None if rounding_keys is None else rounding_keys[set_index]
+            lerp_pair_(average_sets[set_index][index], models[index], weight, key, index)

@@ -1,6 +1,7 @@
 // The CPU implementation of fused_ema::multi_lerp_: builds a chunk table for the lists it is given
-// and runs it with at::parallel_for. The list op serves the functional API and torch.compile;
-// the per-update hot path keeps its table in a CpuTable (table.cpp) instead.
+// and runs it with at::parallel_for. The operator serves torch.compile, and the same body serves the
+// functional API's fast path (fused_ema._C.lerp_lists_, table.cpp); the per-update hot path of a
+// Plan keeps its table in a CpuTable (table.cpp) instead.
 #include <map>
 #include <string>
 #include <utility>
@@ -70,8 +71,8 @@ std::string pair_problem(const at::Tensor& average, const at::Tensor& model) {
   return {};
 }
 
-Table::Table(const std::vector<at::Tensor>& averages, const std::vector<at::Tensor>& models,
-             const std::vector<int64_t>& tensor_indices, int64_t sets)
+Table::Table(const TensorRefs& averages, const TensorRefs& models, const std::vector<int64_t>& tensor_indices,
+             int64_t sets)
     : sets_(sets) {
   const auto count = static_cast<int64_t>(models.size());
   TORCH_CHECK_VALUE(sets >= 1 && sets <= kMaxSets, "fused_ema: between 1 and ", kMaxSets,
@@ -83,15 +84,15 @@ Table::Table(const std::vector<at::Tensor>& averages, const std::vector<at::Tens
   if (count == 0) {
     return;
   }
-  const at::ScalarType average_dtype = averages[0].scalar_type(), model_dtype = models[0].scalar_type();
+  const at::ScalarType average_dtype = averages[0]->scalar_type(), model_dtype = models[0]->scalar_type();
   entries_.reserve(count);
   averages_.reserve(sets * count);
   for (int64_t i = 0; i < count; ++i) {
-    const at::Tensor& model = models[i];
+    const at::Tensor& model = *models[i];
     TORCH_CHECK_TYPE(model.scalar_type() == model_dtype, "fused_ema: models[", i, "] is ", model.scalar_type(),
                      " but models[0] is ", model_dtype, "; one table holds one dtype pair");
     for (int64_t set = 0; set < sets; ++set) {
-      const at::Tensor& average = averages[set * count + i];
+      const at::Tensor& average = *averages[set * count + i];
       TORCH_CHECK_TYPE(average.scalar_type() == average_dtype, "fused_ema: averages[", set * count + i, "] is ",
                        average.scalar_type(), " but averages[0] is ", average_dtype,
                        "; one table holds one dtype pair");
@@ -128,14 +129,11 @@ void Table::run(const std::vector<double>& weights, const std::optional<std::vec
   at::parallel_for(0, blocks_, kGrainBlocks, [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
 }
 
-namespace {
-
-// The schema's implementation. Pairs a table cannot hold (strided views, an average laid out
-// differently from its model) are updated one at a time through dense temporaries in the
-// average's own memory order, which keeps each element's stochastic-rounding index equal to the
-// reference's.
-void multi_lerp_cpu(at::TensorList averages, at::TensorList models, at::ArrayRef<double> weights,
-                    at::IntArrayRef tensor_indices, at::OptionalIntArrayRef rounding_keys) {
+// Pairs a table cannot hold (strided views, an average laid out differently from its model) are
+// updated one at a time through dense temporaries in the average's own memory order, which keeps each
+// element's stochastic-rounding index equal to the reference's.
+void multi_lerp_lists(const TensorRefs& averages, const TensorRefs& models, c10::ArrayRef<double> weights,
+                      c10::ArrayRef<int64_t> tensor_indices, const std::optional<std::vector<int64_t>>& rounding_keys) {
   const auto sets = static_cast<int64_t>(weights.size());
   const auto count = static_cast<int64_t>(models.size());
   TORCH_CHECK_VALUE(static_cast<int64_t>(averages.size()) == sets * count, "multi_lerp_: got ", averages.size(),
@@ -146,48 +144,44 @@ void multi_lerp_cpu(at::TensorList averages, at::TensorList models, at::ArrayRef
   TORCH_CHECK_VALUE(!rounding_keys.has_value() || static_cast<int64_t>(rounding_keys->size()) == sets,
                     "multi_lerp_: got ", rounding_keys.has_value() ? rounding_keys->size() : 0,
                     " rounding_keys for ", sets, " weights");
-  const std::vector<double> all_weights(weights.begin(), weights.end());
-  std::optional<std::vector<int64_t>> all_keys;
-  if (rounding_keys.has_value()) {
-    all_keys.emplace(rounding_keys->begin(), rounding_keys->end());
-  }
   // Pairs every set can fuse, one table per (average dtype, model dtype).
   struct Pending {
     std::vector<int64_t> pairs;
-    std::vector<at::Tensor> models;
+    TensorRefs models;
     std::vector<int64_t> indices;
   };
   std::map<std::pair<int, int>, Pending> tables;
   std::vector<int64_t> one_at_a_time;
   for (int64_t i = 0; i < count; ++i) {
-    const at::Tensor& model = models[i];
+    const at::Tensor& model = *models[i];
     bool direct = true;
     for (int64_t set = 0; set < sets; ++set) {
-      const at::Tensor& average = averages[set * count + i];
+      const at::Tensor& average = *averages[set * count + i];
       TORCH_CHECK(average.device().is_cpu() && model.device().is_cpu(), "multi_lerp_: pair ", i, " is on ",
                   average.device(), " and ", model.device(), "; the CPU kernel needs CPU tensors");
       TORCH_CHECK_VALUE(average.sizes() == model.sizes(), "multi_lerp_: averages[", set * count + i, "] has shape ",
                         average.sizes(), " but models[", i, "] has shape ", model.sizes());
-      TORCH_CHECK_TYPE(average.scalar_type() == averages[i].scalar_type(), "multi_lerp_: averages[", set * count + i,
-                       "] is ", average.scalar_type(), " but averages[", i, "] is ", averages[i].scalar_type(),
-                       "; every set must share dtypes");
+      TORCH_CHECK_TYPE(average.scalar_type() == averages[i]->scalar_type(), "multi_lerp_: averages[",
+                       set * count + i, "] is ", average.scalar_type(), " but averages[", i, "] is ",
+                       averages[i]->scalar_type(), "; every set must share dtypes");
       direct = direct && pair_problem(average, model).empty();
     }
     scalar_kind(model.scalar_type());  // names an unsupported dtype before anything is written
-    scalar_kind(averages[i].scalar_type());
+    scalar_kind(averages[i]->scalar_type());
     if (!direct) {
       one_at_a_time.push_back(i);
       continue;
     }
-    Pending& pending = tables[{static_cast<int>(averages[i].scalar_type()), static_cast<int>(model.scalar_type())}];
+    Pending& pending =
+        tables[{static_cast<int>(averages[i]->scalar_type()), static_cast<int>(model.scalar_type())}];
     pending.pairs.push_back(i);
-    pending.models.push_back(model);
+    pending.models.push_back(&model);
     pending.indices.push_back(tensor_indices[i]);
   }
   for (auto& [dtypes, pending] : tables) {
     for (int64_t first_set = 0; first_set < sets; first_set += kMaxSets) {
       const int64_t batch = std::min(kMaxSets, sets - first_set);
-      std::vector<at::Tensor> batch_averages;
+      TensorRefs batch_averages;
       batch_averages.reserve(batch * pending.pairs.size());
       for (int64_t set = first_set; set < first_set + batch; ++set) {
         for (const int64_t i : pending.pairs) {
@@ -195,33 +189,53 @@ void multi_lerp_cpu(at::TensorList averages, at::TensorList models, at::ArrayRef
         }
       }
       std::optional<std::vector<int64_t>> batch_keys;
-      if (all_keys) {
-        batch_keys.emplace(all_keys->begin() + first_set, all_keys->begin() + first_set + batch);
+      if (rounding_keys) {
+        batch_keys.emplace(rounding_keys->begin() + first_set, rounding_keys->begin() + first_set + batch);
       }
       Table(batch_averages, pending.models, pending.indices, batch)
-          .run(std::vector<double>(all_weights.begin() + first_set, all_weights.begin() + first_set + batch),
-               batch_keys);
+          .run(std::vector<double>(weights.begin() + first_set, weights.begin() + first_set + batch), batch_keys);
     }
   }
   for (const int64_t i : one_at_a_time) {
     for (int64_t set = 0; set < sets; ++set) {
-      const at::Tensor& average = averages[set * count + i];
+      const at::Tensor& average = *averages[set * count + i];
       const at::Tensor dense_average = average.is_non_overlapping_and_dense() ? average : average.contiguous();
-      at::Tensor dense_model = models[i];
+      at::Tensor dense_model = *models[i];
       if (!pair_problem(dense_average, dense_model).empty()) {
-        dense_model = at::empty_strided(dense_average.sizes(), dense_average.strides(), models[i].options());
-        dense_model.copy_(models[i]);
+        dense_model = at::empty_strided(dense_average.sizes(), dense_average.strides(), models[i]->options());
+        dense_model.copy_(*models[i]);
       }
       std::optional<std::vector<int64_t>> key;
-      if (all_keys) {
-        key.emplace(1, (*all_keys)[set]);
+      if (rounding_keys) {
+        key.emplace(1, (*rounding_keys)[set]);
       }
-      Table({dense_average}, {dense_model}, {tensor_indices[i]}, 1).run({all_weights[set]}, key);
+      Table({&dense_average}, {&dense_model}, {tensor_indices[i]}, 1).run({weights[set]}, key);
       if (!dense_average.is_same(average)) {
         average.copy_(dense_average);
       }
     }
   }
+}
+
+namespace {
+
+TensorRefs refs(at::TensorList tensors) {
+  TensorRefs result;
+  result.reserve(tensors.size());
+  for (const at::Tensor& tensor : tensors) {
+    result.push_back(&tensor);
+  }
+  return result;
+}
+
+// The schema's implementation.
+void multi_lerp_cpu(at::TensorList averages, at::TensorList models, at::ArrayRef<double> weights,
+                    at::IntArrayRef tensor_indices, at::OptionalIntArrayRef rounding_keys) {
+  std::optional<std::vector<int64_t>> keys;
+  if (rounding_keys.has_value()) {
+    keys.emplace(rounding_keys->begin(), rounding_keys->end());
+  }
+  multi_lerp_lists(refs(averages), refs(models), weights, tensor_indices, keys);
 }
 
 }  // namespace

@@ -1,5 +1,7 @@
-// The chunk table of one group of (average, model) pairs, and the persistent CpuTable that keeps
-// it across updates. Shared by the list op (multi_lerp.cpp) and the Python hot path (table.cpp).
+// The chunk table of one group of (average, model) pairs. Built by the list op and the functional
+// fast path (multi_lerp.cpp) on every call, and kept across updates by CpuTable (table.cpp).
+// The builder (Table's constructor) reads nothing but the tensors it is given, so a shared chunk-table
+// builder can replace it without touching its callers.
 #pragma once
 
 #include <cstdint>
@@ -21,13 +23,17 @@ constexpr int64_t kMaxSets = 16;
 
 ScalarKind scalar_kind(at::ScalarType dtype);
 
+// Tensors by address: the callers own them (an operator's arguments, Python objects), and copying
+// an at::Tensor costs an atomic reference count per tensor.
+using TensorRefs = std::vector<const at::Tensor*>;
+
 // Pointers of dense pairs with matching strides, one dtype pair, all on the CPU.
 // averages is set-major: averages[set * models.size() + i].
 class Table {
  public:
   Table() = default;
-  Table(const std::vector<at::Tensor>& averages, const std::vector<at::Tensor>& models,
-        const std::vector<int64_t>& tensor_indices, int64_t sets);
+  Table(const TensorRefs& averages, const TensorRefs& models, const std::vector<int64_t>& tensor_indices,
+        int64_t sets);
 
   // averages[k][i] <- lerp(averages[k][i], models[i], weights[k]) over the whole table.
   void run(const std::vector<double>& weights, const std::optional<std::vector<int64_t>>& rounding_keys) const;
@@ -46,6 +52,12 @@ class Table {
 
 // Why a pair cannot go in a Table (empty string when it can).
 std::string pair_problem(const at::Tensor& average, const at::Tensor& model);
+
+// averages[k * len(models) + i] <- lerp(that average, models[i], weights[k]) for any CPU pairs of
+// kernel dtypes: one Table per dtype pair, strided pairs through dense temporaries. Checks every pair
+// before it writes anything. The body of the fused_ema::multi_lerp_ operator.
+void multi_lerp_lists(const TensorRefs& averages, const TensorRefs& models, c10::ArrayRef<double> weights,
+                      c10::ArrayRef<int64_t> tensor_indices, const std::optional<std::vector<int64_t>>& rounding_keys);
 
 void bind_cpu_table(pybind11::module_& module);
 

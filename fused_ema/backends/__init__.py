@@ -1,10 +1,8 @@
 """Backend registry: name -> backend, why a backend cannot run, and what "auto" picks.
 
-Every backend implements one contract, ``lerp_(group, weights, rounding_keys)``: for each average
-set ``k`` and pair ``i`` of a :class:`fused_ema.plan.Group`,
-``averages[k][i] <- lerp(averages[k][i], models[i], weights[k])`` computed in float32 (float64
-when either side is float64), rounded once on store; bfloat16 averages are rounded
-stochastically when ``rounding_keys`` is given (see :mod:`fused_ema.rounding`).
+The contract every backend implements (:class:`Group`, :class:`Backend`, :class:`FusedBackend`,
+:class:`StalePlanError`) lives in :mod:`fused_ema.backends.base`; it is re-exported here. Backend
+modules import only the base, and are imported from here on first use.
 """
 
 from __future__ import annotations
@@ -12,13 +10,15 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-import torch
-
-if TYPE_CHECKING:
-    from fused_ema.plan import Group
+from fused_ema.backends.base import (  # noqa: F401  (the contract, re-exported)
+    KERNEL_DTYPES,
+    MAX_SETS,
+    Backend,
+    FusedBackend,
+    Group,
+    StalePlanError,
+)
 
 ENVIRONMENT_VARIABLE = "FUSED_EMA_BACKEND"
 
@@ -33,78 +33,6 @@ _MODULES = {
 # What "auto" tries, fastest first, per device type; any other device type gets foreach.
 AUTO_ORDER = {"cpu": ("cpu", "foreach"), "cuda": ("cuda", "triton", "foreach")}
 NAMES = tuple(_MODULES) + ("auto",)
-# The dtypes every fused kernel handles, on either side of a pair and in any mix.
-KERNEL_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
-
-
-class Backend:
-    """One way to run the update. Subclasses set ``name`` and override ``lerp_``."""
-
-    name: str = ""
-    device_types: tuple[str, ...] | None = None  # None: any device torch supports
-
-    def unavailable_reason(self) -> str | None:
-        """Why this backend cannot run on this machine at all, with the fix; None when it can."""
-        return None
-
-    def cannot_run(self, group: Group) -> str | None:
-        """Why this backend cannot run ``group``; None when it can."""
-        if self.device_types is not None and group.device.type not in self.device_types:
-            return f"it runs on {' or '.join(self.device_types)} tensors, these are on {group.device}"
-        if self.device_types is not None and not group.fusable:
-            return (
-                "these tensors are not dense with matching strides on one device "
-                "(non-contiguous views, or an average on another device than its model)"
-            )
-        return None
-
-    def is_stale(self, group: Group) -> bool:
-        """True when a tensor changed dtype, device or layout since ``group`` was built."""
-        return not group.unchanged()
-
-    def lerp_(self, group: Group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
-        raise NotImplementedError
-
-
-class FusedBackend(Backend):
-    """A kernel that walks a chunk table built once per group: the cpu, triton and cuda backends.
-
-    Eager updates run the cached table, which also notices swapped storages. Under torch.compile,
-    where a table's pointers cannot be traced, the list operator runs instead: one graph node.
-    Subclasses implement ``table_is_stale``, ``run_table`` and ``list_op``.
-    """
-
-    max_sets = 16  # the weights of one pass sit in a fixed-size array in every kernel
-
-    def cannot_run(self, group: Group) -> str | None:
-        reason = super().cannot_run(group)
-        if reason is None and len(group.averages) > self.max_sets:
-            reason = f"it updates at most {self.max_sets} average sets in one pass, got {len(group.averages)}"
-        if reason is None and not {group.average_dtype, group.model_dtype} <= KERNEL_DTYPES:
-            reason = f"it supports float32, float64, float16 and bfloat16, not {group.average_dtype} / {group.model_dtype}"
-        return reason
-
-    def is_stale(self, group: Group) -> bool:
-        if torch.compiler.is_compiling():
-            return not group.unchanged()
-        return self.table_is_stale(group)
-
-    def lerp_(self, group: Group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
-        if torch.compiler.is_compiling():
-            averages = [average for averages in group.averages for average in averages]
-            self.list_op(averages, group.models, list(weights), list(group.tensor_indices),
-                         None if rounding_keys is None else list(rounding_keys))
-        else:
-            self.run_table(group, weights, rounding_keys)
-
-    def table_is_stale(self, group: Group) -> bool:
-        raise NotImplementedError
-
-    def run_table(self, group: Group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
-        raise NotImplementedError
-
-    def list_op(self, averages, models, weights, tensor_indices, rounding_keys) -> None:
-        raise NotImplementedError
 
 
 class _Unavailable(Backend):
@@ -148,6 +76,19 @@ def available_backends() -> list[str]:
     return [name for name, reason in status().items() if reason is None]
 
 
+def requested(name: str) -> str:
+    """``name``, or for "auto" the ``FUSED_EMA_BACKEND`` environment variable when it is set."""
+    if name != "auto":
+        return name
+    name = os.environ.get(ENVIRONMENT_VARIABLE, "auto")
+    if name not in NAMES:
+        raise ValueError(
+            f"{ENVIRONMENT_VARIABLE}={name!r} is not a backend: backend must be one of "
+            f"{', '.join(map(repr, NAMES))}; unset it to let 'auto' choose"
+        )
+    return name
+
+
 def resolve(name: str, group: Group) -> Backend:
     """The backend that runs ``group`` for the requested ``name``.
 
@@ -156,13 +97,7 @@ def resolve(name: str, group: Group) -> Backend:
     cannot run here raises RuntimeError; one that runs here but not on this group (strided views,
     say) hands the group to foreach, which gives the same result, and warns once.
     """
-    if name == "auto":
-        name = os.environ.get(ENVIRONMENT_VARIABLE, "auto")
-        if name not in NAMES:
-            raise ValueError(
-                f"{ENVIRONMENT_VARIABLE}={name!r} is not a backend: backend must be one of "
-                f"{', '.join(map(repr, NAMES))}; unset it to let 'auto' choose"
-            )
+    name = requested(name)
     if name == "auto":
         order = AUTO_ORDER.get(group.device.type, ("foreach",))
         for candidate in order:

@@ -1,16 +1,15 @@
 """The fused C++ kernel for CPU tensors: one call updates every pair of a group (csrc/cpu).
 
 A thin wrapper: the chunk table lives in a C++ ``CpuTable`` kept in ``group.cache``, so an update
-passes only the weights and rounding keys. Under ``torch.compile`` the list operator
-``torch.ops.fused_ema.multi_lerp_`` runs instead, which the compiler sees as one node.
+passes only the weights and rounding keys. (Under ``torch.compile`` the plan calls the operator
+``torch.ops.fused_ema.multi_lerp_`` instead, which the compiler sees as one node.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fused_ema.backends import FusedBackend
-
+from fused_ema.backends.base import FusedBackend, Group
 
 
 def _ops():
@@ -38,7 +37,7 @@ class CpuBackend(FusedBackend):
     def unavailable_reason(self) -> str | None:
         return _ops().UNAVAILABLE_REASON
 
-    def table_is_stale(self, group) -> bool:
+    def table_is_stale(self, group: Group) -> bool:
         table = group.cache.get("cpu_table")
         if table is None:
             # First update: the tensors may have changed since planning; a table that cannot be
@@ -52,14 +51,11 @@ class CpuBackend(FusedBackend):
         # Also follows storages swapped in place (param.data = t), rebuilding the table silently.
         return table.refresh()
 
-    def run_table(self, group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
+    def run_table(self, group: Group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
         self._table(group).lerp_(weights, rounding_keys)
 
-    def list_op(self, averages, models, weights, tensor_indices, rounding_keys) -> None:
-        _ops().multi_lerp_(averages, models, weights, tensor_indices, rounding_keys)
-
     @staticmethod
-    def _table(group):
+    def _table(group: Group):
         table = group.cache.get("cpu_table")
         if table is None:
             averages = [average for averages in group.averages for average in averages]

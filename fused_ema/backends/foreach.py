@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fused_ema.backends import Backend
+from fused_ema.backends.base import Backend
 from fused_ema.backends.reference import ReferenceBackend, compute_dtype
 
 # Mixed-dtype groups are upcast this many elements at a time, so the temporaries stay small.

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fused_ema.backends import Backend
+from fused_ema.backends.base import Backend
 from fused_ema.rounding import memory_order_index, stochastic_round_to_bfloat16
 
 

@@ -1,0 +1,56 @@
+"""4000 x 256 fp32: fused_ema.lerp_ on lists passed per call, against torch._foreach_lerp_ on them.
+
+    python benchmarks/functional_lists.py [--rounds 200]
+
+Targets (issue 13): on the same lists each call, <= 0.5x torch._foreach_lerp_; on new lists (fresh
+tensors every call), no slower than torch._foreach_lerp_. Medians of interleaved samples; the
+machine may be shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from interleaved import medians, report
+
+import fused_ema
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=4000)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=200)
+    args = parser.parse_args()
+
+    models = [torch.randn(args.length) for _ in range(args.count)]
+    averages = [model.clone() for model in models]
+    foreach_averages = [model.clone() for model in models]
+    flat_model = torch.randn(args.count * args.length)
+    flat_average = flat_model.clone()
+    fresh: list[list[torch.Tensor]] = []
+
+    def new_lists() -> None:  # untimed: new tensors, so nothing can be cached for them
+        fresh[:] = [[average.clone() for average in averages], [model.clone() for model in models]]
+
+    times = medians(
+        {
+            "flat lerp_": lambda: flat_average.lerp_(flat_model, 1e-3),
+            "torch._foreach_lerp_": lambda: torch._foreach_lerp_(foreach_averages, models, 1e-3),
+            "fused_ema.lerp_, same lists": lambda: fused_ema.lerp_(averages, models, 1e-3),
+            "fused_ema.lerp_, new lists": lambda: fused_ema.lerp_(fresh[0], fresh[1], 1e-3),
+            "torch._foreach_lerp_, new lists": lambda: torch._foreach_lerp_(fresh[0], fresh[1], 1e-3),
+        },
+        rounds=args.rounds,
+        before={"fused_ema.lerp_, new lists": new_lists, "torch._foreach_lerp_, new lists": new_lists},
+    )
+    report(f"{args.count} x {args.length} float32, lists passed per call", times, [
+        ("same lists / foreach (<= 0.5)", "fused_ema.lerp_, same lists", "torch._foreach_lerp_"),
+        ("new lists / foreach on new lists (<= 1)", "fused_ema.lerp_, new lists", "torch._foreach_lerp_, new lists"),
+        ("same lists / flat", "fused_ema.lerp_, same lists", "flat lerp_"),
+    ])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""One timer for the small benchmark scripts: contenders interleaved, medians of per-sample means.
+
+Each round times every contender once, in turn (A, B, C, A, B, C, ...), so a slow period of a
+shared machine lands on all of them alike; each sample is the mean of ``calls`` calls after an
+untimed ``before`` call (a contender's own set-up: the disturbance it is measured under, or a warm-up).
+Garbage collection is off while timing.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def medians(
+    contenders: dict[str, Callable[[], None]],
+    rounds: int,
+    calls: int = 1,
+    before: dict[str, Callable[[], None]] | None = None,
+) -> dict[str, float]:
+    """Median seconds per call of each contender. ``before[name]`` runs untimed before each timed call."""
+    before = before or {}
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        with torch.no_grad():
+            for update in contenders.values():  # warm-up: first calls build plans and tables
+                update()
+            for _ in range(rounds):
+                for name, update in contenders.items():
+                    setup = before.get(name)
+                    total = 0.0
+                    for _ in range(calls):
+                        if setup is not None:
+                            setup()
+                        start = time.perf_counter()
+                        update()
+                        total += time.perf_counter() - start
+                    samples[name].append(total / calls)
+    finally:
+        if enabled:
+            gc.enable()
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def report(title: str, times: dict[str, float], ratios: list[tuple[str, str, str]]) -> None:
+    """Print each median and each ``(label, numerator, denominator)`` ratio."""
+    print(title)
+    for name, seconds in times.items():
+        print(f"  {name:<40} {seconds * 1e3:9.3f} ms")
+    for label, numerator, denominator in ratios:
+        print(f"  {label:<40} {times[numerator] / times[denominator]:9.2f}x")
