@@ -78,23 +78,23 @@ def clone_module(
     if dtype is not None and not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
     if copy_of_model is None and distributed.is_fsdp(model):
+        # Sharded like the model and not packed; unselected parameters are copied, not shared.
         clone = distributed.clone_sharded(model, device, dtype)
-        shared: dict[int, torch.Tensor] = {}
+        return clone if requires_grad is None else clone.requires_grad_(requires_grad)
+    target = None if device is None else torch.device(device)
+    shared = {
+        id(parameter): parameter
+        for name, parameter in model.named_parameters()
+        if selected is not None and name not in selected and _on(target or parameter.device, parameter)
+    }
+    if copy_of_model is None:
+        clone = _deepcopy(model, shared)
     else:
-        target = None if device is None else torch.device(device)
-        shared = {
-            id(parameter): parameter
-            for name, parameter in model.named_parameters()
-            if selected is not None and name not in selected and _on(target or parameter.device, parameter)
-        }
-        if copy_of_model is None:
-            clone = _deepcopy(model, shared)
-        else:
-            clone = _adopt(copy_of_model, model, shared)
-        if device is not None or dtype is not None:
-            clone._apply(lambda t: t if id(t) in shared else _convert(t, target, dtype))
-        if copy_of_model is not None:
-            shared = _share_(clone, model, shared)
+        clone = _adopt(copy_of_model, model, shared)
+    if device is not None or dtype is not None:
+        clone._apply(lambda t: t if id(t) in shared else _convert(t, target, dtype))
+    if copy_of_model is not None:
+        shared = _share_(clone, model, shared)
     if requires_grad is not None:
         for parameter in clone.parameters():
             if id(parameter) not in shared:
