@@ -414,26 +414,31 @@ def synthesize(
         items = progress(pairs, f"post-hoc EMA sigma_rel={solution.sigma_rel:g}")
     dtypes: dict[str, torch.dtype] = {}
     for snapshot, coefficient in items:
-        state = _load_state(snapshot)
-        if accumulated and state.keys() != accumulated.keys():
-            raise ValueError(f"snapshot {snapshot.path} holds other tensors than the snapshots before it")
-        for key, value in state.items():
-            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-                if key not in accumulated or snapshot.step == latest:
-                    accumulated[key] = value.clone() if isinstance(value, torch.Tensor) else value
-                continue
-            if len(pairs) == 1 and coefficient == 1.0:
-                accumulated[key] = value.clone()  # the snapshot itself, bit for bit
-            elif key not in accumulated:
-                dtypes[key] = value.dtype
-                compute = torch.float64 if value.dtype == torch.float64 else torch.float32
-                accumulated[key] = value.to(compute) * coefficient
-            else:
-                accumulated[key].add_(value, alpha=coefficient)
-        del state  # unmap before the next one
+        # One snapshot mapped at a time; nothing of it outlives _accumulate_ but what it adds.
+        _accumulate_(accumulated, dtypes, _load_state(snapshot), coefficient,
+                     exact=len(pairs) == 1 and coefficient == 1.0, latest=snapshot.step == latest)
     result = Synthesis((key, value.to(dtypes[key]) if key in dtypes else value) for key, value in accumulated.items())
     result.solution = solution
     return result
+
+
+def _accumulate_(accumulated: dict[str, Any], dtypes: dict[str, torch.dtype], state: dict[str, Any],
+                 coefficient: float, *, exact: bool, latest: bool) -> None:
+    """``accumulated += coefficient * state`` for floating tensors; other entries from the latest snapshot."""
+    if accumulated and state.keys() != accumulated.keys():
+        raise ValueError("the snapshots hold different tensors (was the model changed during training?)")
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            if key not in accumulated or latest:
+                accumulated[key] = value.clone() if isinstance(value, torch.Tensor) else value
+        elif exact:
+            accumulated[key] = value.clone()  # the snapshot itself, bit for bit
+        elif key not in accumulated:
+            dtypes[key] = value.dtype
+            compute = torch.float64 if value.dtype == torch.float64 else torch.float32
+            accumulated[key] = value.to(compute) * coefficient
+        else:
+            accumulated[key].add_(value, alpha=coefficient)
 
 
 def plot_profile(solution: Solution, path: str | os.PathLike) -> None:
