@@ -284,7 +284,9 @@ def _load_state(snapshot: Snapshot) -> dict[str, torch.Tensor]:
         for key, item in metadata.state_dict_metadata.items()
         if isinstance(item, TensorStorageMetadata)
     }
-    dcp.load(state, checkpoint_id=snapshot.path, no_dist=True)  # one process, full tensors
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=snapshot.path, no_dist=True)  # one process, full tensors
     return state
 
 

@@ -390,3 +390,26 @@ def test_update_times_schedule() -> None:
     expected = {0: 0, 1: 1, 4: 1, 5: 5, 12: 9, 13: 13, 14: 14, 39: 15, 40: 40, 99: 40}
     assert {step: posthoc_module.last_update_time(segments, step) for step in expected} == expected
 
+
+
+# ---------------------------------------------------------------- the worked example
+
+
+def test_digits_example_prints_one_row_per_sigma_rel(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("sklearn")
+    from fused_ema import examples
+
+    arguments = ["posthoc", "--epochs", "2", "--train-limit", "160", "--quiet", "--directory", str(tmp_path),
+                 "--sigma-rels", "0.03", "0.05", "0.2"]
+    assert examples.main(arguments) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sigma_rel")]
+    assert [row.split()[1] for row in rows] == ["0.03", "0.05", "0.2"]
+    assert "(tracked)" in rows[1] and "0.0e+00" in rows[1]
+    assert len(posthoc_module.list_snapshots(tmp_path)) == 4  # 2 epochs x 2 tracked sigma_rels
+
+
+def test_digits_example_rejects_a_bad_sigma_rel(capsys) -> None:
+    from fused_ema import examples
+
+    assert examples.main(["posthoc", "--sigma-rels", "0.5"]) == 2
+    assert "sigma_rel must be in" in capsys.readouterr().err
