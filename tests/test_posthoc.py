@@ -206,7 +206,7 @@ def test_plot_profile(trained, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     posthoc, _ = trained
     solution = posthoc.solve(0.07)
-    tau, fitted, target = solution.profiles()
+    _, fitted, target = solution.profiles()
     assert (fitted - target).abs().max() < 0.05 * target.max()
     posthoc_module.plot_profile(solution, tmp_path / "profile.png")
     assert (tmp_path / "profile.png").stat().st_size > 0
@@ -254,7 +254,7 @@ def test_run_killed_between_write_and_rename_then_resumed(tmp_path: Path) -> Non
     directory, checkpoint = tmp_path / "snapshots", tmp_path / "checkpoint.pt"
     root = str(Path(__file__).resolve().parent.parent)
     script = KILLED_RUN.format(root=root, directory=str(directory), checkpoint=str(checkpoint))
-    result = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", script], check=False, cwd=root, capture_output=True, text=True, timeout=300)
     assert result.returncode == 9, result.stderr
     leftovers = [p for p in directory.iterdir() if ".tmp-" in p.name]
     assert len(leftovers) == 1 and leftovers[0].stat().st_size > 0  # the half-done snapshot exists...

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from test_distributed import TOLERANCES, fsdp_model, make_model, spawn, train_step
 
 import fused_ema
 from fused_ema import posthoc
-from test_distributed import TOLERANCES, fsdp_model, make_model, spawn, train_step
 
 STEPS = 12
 SNAPSHOT_EVERY = 3

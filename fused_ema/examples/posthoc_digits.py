@@ -25,7 +25,14 @@ from torch.nn import functional as F
 
 import fused_ema
 from fused_ema import posthoc
-from fused_ema.examples.digits import SmallCNN, batches, evaluate, load_data, missing_package, shift_
+from fused_ema.examples.digits import (
+    SmallCNN,
+    batches,
+    evaluate,
+    load_data,
+    missing_package,
+    shift_,
+)
 from fused_ema.progress import progress
 
 
