@@ -16,7 +16,11 @@ import importlib
 import sys
 
 # name -> module; each module has main(argv, prog) -> int
-EXAMPLES = {"digits": "fused_ema.examples.digits", "lora": "fused_ema.examples.lora"}
+EXAMPLES = {
+    "digits": "fused_ema.examples.digits",
+    "posthoc": "fused_ema.examples.posthoc_digits",
+    "lora": "fused_ema.examples.lora",
+}
 DEFAULT = "digits"
 
 
