@@ -208,7 +208,8 @@ def report(result: dict[str, Any], settings: Settings) -> list[str]:
     return lines
 
 
-def parse_args(argv: Sequence[str], prog: str | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str], prog: str | None = None) -> tuple[Settings, bool]:
+    """(settings, quiet) from the command line; SystemExit on --help or a usage error."""
     defaults = Settings()
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--pretrain-epochs", type=int, default=defaults.pretrain_epochs)
@@ -222,7 +223,10 @@ def parse_args(argv: Sequence[str], prog: str | None = None) -> argparse.Namespa
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads (0: torch's default)")
     parser.add_argument("--train-limit", type=int, help="use only this many training images (quick runs)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
+    options = vars(parser.parse_args(argv))
+    quiet = options.pop("quiet")
+    options["threads"] = options["threads"] or None
+    return Settings(**options), quiet
 
 
 def check(settings: Settings) -> None:
@@ -236,26 +240,19 @@ def check(settings: Settings) -> None:
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Command-line entry point (``fused-ema demo --lora``); returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parse_args(argv, prog)
-    except SystemExit as exit:  # --help, or a usage error already printed by argparse
-        return int(exit.code or 0)
-    settings = Settings(
-        pretrain_epochs=args.pretrain_epochs, epochs=args.epochs, rank=args.rank, decay=args.decay, lr=args.lr,
-        batch_size=args.batch_size, width=args.width, seed=args.seed, threads=args.threads or None,
-        train_limit=args.train_limit,
-    )
-    try:
+        settings, quiet = parse_args(list(sys.argv[1:] if argv is None else argv), prog)
         check(settings)
         import sklearn  # noqa: F401  (fail now, not after training)
+    except SystemExit as exit:  # --help, or a usage error already printed by argparse
+        return int(exit.code or 0)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except ImportError as error:
         print(f"error: {missing_package(error.name or 'sklearn')}", file=sys.stderr)
         return 1
-    result = run(settings, show_progress=not args.quiet)
+    result = run(settings, show_progress=not quiet)
     print("\n".join(report(result, settings)))
     return 0
 
