@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from fused_ema import backends
-from fused_ema.backends.base import KERNEL_DTYPES, Group, StalePlanError
+from fused_ema.backends.base import KERNEL_DTYPES, FusedBackend, Group, StalePlanError
 
 __all__ = ["Group", "Plan", "StalePlanError", "check_pairs", "check_weights", "is_dense", "local_tensor",
            "traced_lerp_"]
@@ -203,11 +203,15 @@ class Plan:
 
 
 @torch.compiler.assume_constant_result
-def _has_fused_op(device_type: str) -> bool:
-    """Whether torch.ops.fused_ema.multi_lerp_ runs on this device type (loads the extension)."""
-    if backends.get("cpu").unavailable_reason() is not None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fused_ema::multi_lerp_", device_type.upper())
+def _compiled_backend(name: str, device_type: str) -> str:
+    """The fused backend whose operator runs pairs on ``device_type`` under torch.compile, or ""."""
+    name = backends.requested(name)
+    for candidate in backends.AUTO_ORDER.get(device_type, ()) if name == "auto" else (name,):
+        backend = backends.get(candidate)
+        if (isinstance(backend, FusedBackend) and device_type in (backend.device_types or ())
+                and backend.unavailable_reason() is None):
+            return candidate
+    return ""
 
 
 def traced_lerp_(
@@ -219,29 +223,34 @@ def traced_lerp_(
 ) -> None:
     """The update as torch.compile sees it, for plans and the functional API alike: no table, no cache.
 
-    Every pair a fused kernel takes goes to ``torch.ops.fused_ema.multi_lerp_`` (one graph node,
-    which inductor runs in place), the rest to the reference's torch ops, which the compiler fuses
-    itself; integer pairs are copied. Same results as the eager path.
+    Every pair a fused kernel takes goes to its backend's ``list_op`` (one ``torch.library`` operator
+    node, which inductor runs in place), the rest to the reference's torch ops, which the compiler
+    fuses itself; integer pairs are copied. Same results as the eager path.
     """
     from fused_ema.backends.reference import lerp_pair_
 
     check_pairs(average_sets, models)
-    fused, per_pair = [], []
+    fused: dict[str, list[int]] = {}
+    per_pair = []
     for index, model in enumerate(models):
         averages = [average_set[index] for average_set in average_sets]
         if not model.is_floating_point():
             for average in averages:
                 average.copy_(model)
-        elif (backend not in ("reference", "foreach") and _has_fused_op(model.device.type)
-              and all(a.device == model.device and a.dtype in KERNEL_DTYPES for a in averages)
-              and model.dtype in KERNEL_DTYPES):
-            fused.append(index)
+            continue
+        name = ""
+        if (backend not in ("reference", "foreach")
+                and all(a.device == model.device and a.dtype in KERNEL_DTYPES for a in averages)
+                and model.dtype in KERNEL_DTYPES):
+            name = _compiled_backend(backend, model.device.type)
+        if name:
+            fused.setdefault(name, []).append(index)
         else:
             per_pair.append(index)
-    if fused:
-        torch.ops.fused_ema.multi_lerp_(
-            [average_set[index] for average_set in average_sets for index in fused],
-            [models[index] for index in fused], list(weights), fused,
+    for name, indices in fused.items():
+        backends.get(name).list_op(
+            [average_set[index] for average_set in average_sets for index in indices],
+            [models[index] for index in indices], list(weights), indices,
             None if rounding_keys is None else list(rounding_keys),
         )
     for index in per_pair:

@@ -93,10 +93,11 @@ class Backend:
 class FusedBackend(Backend):
     """A kernel that walks a chunk table built once per group: the cpu, triton and cuda backends.
 
-    Eager updates only: under torch.compile the plan calls the ``fused_ema::multi_lerp_`` operator
-    instead (:func:`fused_ema.plan.traced_lerp_`), since a table's pointers cannot be traced.
-    Subclasses implement ``table_is_stale`` (which also follows storages swapped in place) and
-    ``run_table``.
+    ``lerp_`` runs eagerly, over the table. Under torch.compile, where a table's pointers cannot be
+    traced, the one compiled path (:func:`fused_ema.plan.traced_lerp_`) calls ``list_op`` instead: a
+    ``torch.library`` operator over tensor lists, one graph node. Subclasses implement
+    ``table_is_stale`` (which also follows storages swapped in place) and ``run_table``, and
+    override ``list_op`` when their operator is not ``fused_ema::multi_lerp_``.
     """
 
     max_sets = MAX_SETS
@@ -120,3 +121,14 @@ class FusedBackend(Backend):
 
     def run_table(self, group: Group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
         raise NotImplementedError
+
+    def list_op(
+        self,
+        averages: list[torch.Tensor],
+        models: list[torch.Tensor],
+        weights: list[float],
+        tensor_indices: list[int],
+        rounding_keys: list[int] | None,
+    ) -> None:
+        """``averages[k * len(models) + i] <- lerp(that average, models[i], weights[k])`` as one operator."""
+        torch.ops.fused_ema.multi_lerp_(averages, models, weights, tensor_indices, rounding_keys)
