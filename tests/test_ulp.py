@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_within_ulps, ulp_distance
+from conftest import assert_within_ulps, spacing, ulp_distance
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -37,5 +37,22 @@ def test_assert_names_the_worst_element():
     actual = expected.clone()
     actual[5] = actual[5].nextafter(torch.tensor(2.0)).nextafter(torch.tensor(2.0))
     assert_within_ulps(actual, expected, 2)
-    with pytest.raises(AssertionError, match="1 of 8 elements are more than 1 ulp apart; worst at flat index 5"):
+    with pytest.raises(AssertionError, match="1 of 8 elements are more than 1 ulp apart; first worst at flat index 5"):
         assert_within_ulps(actual, expected, 1, "demo")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_spacing_is_the_gap_to_the_next_value(dtype):
+    values = torch.tensor([1.0, 0.75, 3.0, 1e-3, -2.5], dtype=dtype)
+    gaps = (values.abs().nextafter(torch.full_like(values, float("inf"))) - values.abs()).double()
+    assert torch.equal(spacing(values.double(), dtype), gaps)
+
+
+def test_scale_admits_ulps_of_the_operands_not_of_the_result():
+    expected = torch.tensor([0.003])
+    actual = expected + 2 * spacing(torch.tensor([0.003]), torch.float32).float()  # 2 ulp of the result
+    with pytest.raises(AssertionError):
+        assert_within_ulps(actual, expected, 1)
+    assert_within_ulps(actual, expected, 1, scale=torch.tensor([1.0]))  # far below one ulp at 1.0
+    with pytest.raises(AssertionError):
+        assert_within_ulps(torch.tensor([float("inf")]), torch.tensor([3e38]), 1, scale=3e38)
