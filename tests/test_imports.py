@@ -100,5 +100,5 @@ def test_every_module_imports_first():
     modules = [m for m in MODULES if not m.startswith("fused_ema.examples") and m != "fused_ema.backends.triton"]
     modules.sort(key=lambda m: m != "fused_ema.ops")  # ops first: after it, it stays imported
     result = subprocess.run([sys.executable, "-c", SCRIPT, *modules], capture_output=True, text=True, check=False,
-                            env={**os.environ, "FUSED_EMA_NO_JIT": "1", "PYTHONPATH": str(PACKAGE.parent)})
+                            env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)})
     assert result.returncode == 0, result.stdout + result.stderr
