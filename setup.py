@@ -98,7 +98,7 @@ def _extensions() -> tuple[list, dict, dict | None]:
     if record["cuda_kernels"]:
         cpp_extension.CUDA_HOME = record["cuda_toolkit"]  # in case it was imported before the line above
     cxx_flags, link_flags = build_config.compile_flags()
-    common = dict(sources=_relative(sources), depends=_relative(build_config.headers(CSRC)), extra_link_args=link_flags)
+    common = {"sources": _relative(sources), "depends": _relative(build_config.headers(CSRC)), "extra_link_args": link_flags}
     if record["cuda_kernels"]:
         extension = cpp_extension.CUDAExtension(
             "fused_ema._C", extra_compile_args={"cxx": cxx_flags, "nvcc": build_config.cuda_compile_flags()}, **common
