@@ -137,6 +137,7 @@ def _carve():
     return None if ops._C is None else getattr(ops._C, "carve", None)
 
 
+@torch.no_grad()
 def _adopt(copy_of_model: nn.Module, model: nn.Module, shared: dict[int, torch.Tensor]) -> nn.Module:
     """``copy_of_model``, checked against ``model`` name by name, with the model's values (but
     for the tensors that will be ``shared``)."""
