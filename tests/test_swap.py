@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
+from models import small_cnn, train_steps
 from torch import nn
 
 import fused_ema
-from models import small_cnn, train_steps
 
 
 def _bits(tensors):
@@ -92,9 +92,8 @@ def test_mutating_calls_inside_swap_raise_and_change_nothing(call):
 def test_exception_in_block_restores_training_weights_and_keeps_average():
     model, ema = _trained_pair()
     training, average = _state(model), _state(ema)
-    with pytest.raises(KeyError):
-        with ema.swap(model):
-            raise KeyError("evaluation failed")
+    with pytest.raises(KeyError), ema.swap(model):
+        raise KeyError("evaluation failed")
     assert _same_state(_state(model), training)
     assert _same_state(_state(ema), average)
     ema.update()  # the EMA is usable again
