@@ -76,11 +76,11 @@ def multi_lerp_(
         traced_lerp_(average_sets, models, check_weights(weights), backend, keys)
         return
     name = backends.requested(backends.check_name(backend))
-    if name in ("auto", "cpu"):
+    weights = check_weights(weights)
+    if name in ("auto", "cpu") and 1.0 not in weights:  # weight 1 is an exact copy: the plan does it
         # Lists passed per call: one C++ call reads them and builds its tables on the stack, so no
         # plan is kept (and no weak reference made) for tensors that may never come back. It
         # declines, writing nothing, whatever it does not take as it is: the plan handles that.
-        weights = check_weights(weights)
         lerp_lists_ = _cpu_fast_path()
         if lerp_lists_ is not None and lerp_lists_(average_sets, models, weights, keys):
             return

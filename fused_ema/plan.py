@@ -12,6 +12,7 @@ import torch
 
 from fused_ema import backends
 from fused_ema.backends.base import KERNEL_DTYPES, FusedBackend, Group, StalePlanError
+from fused_ema.rules import check_unit
 
 __all__ = ["Group", "Plan", "StalePlanError", "check_pairs", "check_weights", "is_dense", "local_tensor",
            "traced_lerp_"]
@@ -54,6 +55,11 @@ def check_pairs(average_sets: Sequence[Sequence[torch.Tensor]], models: Sequence
                     f"{name}[{index}] is {_describe(average)} but models[{index}] is {_describe(model)}: "
                     "shapes must match"
                 )
+            if model.is_complex() != average.is_complex():
+                raise TypeError(
+                    f"{name}[{index}] is {_describe(average)} but models[{index}] is {_describe(model)}: "
+                    "a complex tensor needs a complex average, a real one a real average"
+                )
             if model.is_floating_point() and not average.is_floating_point():
                 raise TypeError(
                     f"{name}[{index}] is {_describe(average)}: an average of a floating-point tensor "
@@ -71,19 +77,15 @@ def check_pairs(average_sets: Sequence[Sequence[torch.Tensor]], models: Sequence
                 )
 
 
+def is_rounded_stochastically(average_dtype: torch.dtype, model_dtype: torch.dtype,
+                              rounding_keys: Sequence[int] | None) -> bool:
+    """Whether a pair's result is rounded stochastically, not to nearest (bfloat16 from a wider model)."""
+    return rounding_keys is not None and average_dtype == torch.bfloat16 and model_dtype != torch.bfloat16
+
+
 def check_weights(weights: Sequence[float]) -> list[float]:
-    checked = []
-    for weight in weights:
-        if isinstance(weight, torch.Tensor):
-            raise TypeError(
-                "weight must be a Python float, not a tensor: reading a device tensor back would "
-                "synchronise; compute the weight on the host (see fused_ema.rules)"
-            )
-        weight = float(weight)
-        if not 0.0 <= weight <= 1.0:  # also rejects nan
-            raise ValueError(f"weight must be in [0, 1], got {weight}")
-        checked.append(weight)
-    return checked
+    """Each weight as a float in [0, 1] (``rules.check_unit``: one validator for every number)."""
+    return [check_unit("weight", weight) for weight in weights]
 
 
 class Plan:
@@ -119,7 +121,7 @@ class Plan:
         copy_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         for index, model in enumerate(self.models):
             averages = [average_set[index] for average_set in self.average_sets]
-            if not model.is_floating_point():
+            if not (model.is_floating_point() or model.is_complex()):  # complex is averaged, as in torch
                 copy_pairs.extend((average, model) for average in averages)
                 continue
             first = averages[0]
@@ -172,8 +174,21 @@ class Plan:
     def _run(self, weights: list[float], rounding_keys: Sequence[int] | None) -> None:
         if any(group.backend.is_stale(group) for group in self.groups):
             raise StalePlanError
+        # Weight 1 is a copy: lerp's end - (end - average) * 0 keeps a NaN or inf of the average
+        # (a fresh to_empty() average, say), where a copy gives exactly the model's values. A
+        # stochastically rounded bfloat16 average of a wider model is copied first and then run
+        # through the kernel, which rounds the model's value stochastically, as it always did.
+        copied = [index for index, weight in enumerate(weights) if weight == 1.0]
         for group in self.groups:
-            group.backend.lerp_(group, weights, rounding_keys)
+            rounded = is_rounded_stochastically(group.average_dtype, group.model_dtype, rounding_keys)
+            if rounded:
+                for index in copied:
+                    torch._foreach_copy_(group.averages[index], group.models)
+            if rounded or len(copied) < len(weights):
+                group.backend.lerp_(group, weights, rounding_keys)
+            if not rounded:
+                for index in copied:
+                    torch._foreach_copy_(group.averages[index], group.models)
         self.copy_()
 
     @torch.no_grad()
@@ -188,6 +203,7 @@ class Plan:
         # Empty tensors (an FSDP2 rank's share of a short parameter) are finite, and the inf-norm
         # of an empty tensor is an error: leave them out.
         model_lists = [[m for m in group.models if m.numel()] for group in self.groups]
+        model_lists.append([s for s in self.copy_sources if (s.is_floating_point() or s.is_complex()) and s.numel()])
         flags = [
             torch.stack(torch._foreach_norm(models, float("inf"))).isfinite().all()
             for models in model_lists
@@ -230,11 +246,12 @@ def traced_lerp_(
     from fused_ema.backends.reference import lerp_pair_
 
     check_pairs(average_sets, models)
+    _copy_weight_one_(average_sets, models, weights, rounding_keys, rounded=True)
     fused: dict[str, list[int]] = {}
     per_pair = []
     for index, model in enumerate(models):
         averages = [average_set[index] for average_set in average_sets]
-        if not model.is_floating_point():
+        if not (model.is_floating_point() or model.is_complex()):
             for average in averages:
                 average.copy_(model)
             continue
@@ -257,3 +274,15 @@ def traced_lerp_(
         for set_index, weight in enumerate(weights):
             key = None if rounding_keys is None else rounding_keys[set_index]
             lerp_pair_(average_sets[set_index][index], models[index], weight, key, index)
+    _copy_weight_one_(average_sets, models, weights, rounding_keys, rounded=False)
+
+
+def _copy_weight_one_(average_sets, models, weights, rounding_keys, rounded: bool) -> None:
+    """Weight 1 is a copy, as in Plan._run: before the update for stochastically rounded pairs, after for the rest."""
+    for set_index, weight in enumerate(weights):
+        if weight != 1.0:
+            continue
+        pairs = [(average, model) for average, model in zip(average_sets[set_index], models)
+                 if is_rounded_stochastically(average.dtype, model.dtype, rounding_keys) == rounded]
+        if pairs:
+            torch._foreach_copy_([average for average, _ in pairs], [model for _, model in pairs])

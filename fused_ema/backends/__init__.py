@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
+from collections.abc import Iterable
 
 from fused_ema.backends.base import (  # noqa: F401  (the contract, re-exported)
     KERNEL_DTYPES,
@@ -66,6 +67,46 @@ def check_name(name: str) -> str:
     return name
 
 
+def requested(name: str) -> str:
+    """``name``, with "auto" replaced by the ``FUSED_EMA_BACKEND`` environment variable when set.
+
+    An invalid value of the variable raises a ValueError naming it.
+    """
+    check_name(name)
+    if name == "auto":
+        name = os.environ.get(ENVIRONMENT_VARIABLE, "auto")
+        if name not in NAMES:
+            raise ValueError(
+                f"{ENVIRONMENT_VARIABLE}={name!r} is not a backend: backend must be one of "
+                f"{', '.join(map(repr, NAMES))}; unset it to let 'auto' choose"
+            )
+    return name
+
+
+def check_usable(name: str, device_types: Iterable[str]) -> str:
+    """Raise now what the first update would raise for ``name`` on tensors of ``device_types``.
+
+    For the wrappers' constructors: an invalid ``FUSED_EMA_BACKEND`` (ValueError), a named backend
+    that cannot run on this machine, or not on these devices (RuntimeError, with the fix).
+    Returns ``name`` unchanged.
+    """
+    chosen = requested(name)
+    if chosen == "auto":
+        return name
+    backend = get(chosen)
+    reason = backend.unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"backend {chosen!r} is not available: {reason}")
+    for device_type in sorted(set(device_types)):
+        if backend.device_types is not None and device_type not in backend.device_types:
+            raise RuntimeError(
+                f"backend {chosen!r} cannot update these tensors: it runs on "
+                f"{' or '.join(backend.device_types)} tensors, the average is on {device_type}; "
+                "use backend='auto' or 'foreach'"
+            )
+    return name
+
+
 def status() -> dict[str, str | None]:
     """Every backend name -> None if it can run on this machine, else the reason and the fix."""
     return {name: get(name).unavailable_reason() for name in _MODULES}
@@ -74,19 +115,6 @@ def status() -> dict[str, str | None]:
 def available_backends() -> list[str]:
     """Names of the backends that can run on this machine, e.g. ``['reference', 'foreach', 'cpu']``."""
     return [name for name, reason in status().items() if reason is None]
-
-
-def requested(name: str) -> str:
-    """``name``, or for "auto" the ``FUSED_EMA_BACKEND`` environment variable when it is set."""
-    if name != "auto":
-        return name
-    name = os.environ.get(ENVIRONMENT_VARIABLE, "auto")
-    if name not in NAMES:
-        raise ValueError(
-            f"{ENVIRONMENT_VARIABLE}={name!r} is not a backend: backend must be one of "
-            f"{', '.join(map(repr, NAMES))}; unset it to let 'auto' choose"
-        )
-    return name
 
 
 def resolve(name: str, group: Group) -> Backend:
