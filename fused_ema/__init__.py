@@ -21,6 +21,7 @@ from fused_ema.averaged_model import (
     update_bn,
 )
 from fused_ema.backends import available_backends
+from fused_ema.checkpoints import export_average, load_average
 from fused_ema.ema import EMA
 from fused_ema.functional import lerp_, multi_lerp_
 
@@ -31,11 +32,13 @@ __all__ = [
     "SWALR",
     "AveragedModel",
     "available_backends",
+    "export_average",
     "get_ema_avg_fn",
     "get_ema_multi_avg_fn",
     "get_swa_avg_fn",
     "get_swa_multi_avg_fn",
     "lerp_",
+    "load_average",
     "multi_lerp_",
     "rules",
     "update_bn",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -111,6 +111,17 @@ class AveragedModel(swa_utils.AveragedModel):
         self._n_host = 0
         self._binding = Binding([self.module], average_buffers=use_buffers, backend=backend)
         self.register_load_state_dict_post_hook(_reread_n_averaged)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Load this AveragedModel's (or torch's) state dict; also reads fused_ema ``EMA`` and timm ModelEmaV2/V3
+        checkpoints, of compiled and DataParallel models too (``module.`` / ``_orig_mod.`` names).
+
+        Other libraries' formats (torch_ema, diffusers, ema-pytorch, Lightning) and their schedules:
+        :func:`fused_ema.load_average`.
+        """
+        from fused_ema import checkpoints
+
+        return super().load_state_dict(checkpoints.to_own_format(self, state_dict, strict), strict, assign)
 
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:

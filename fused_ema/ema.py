@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from fused_ema import backends, distributed
 from fused_ema import rules as rules_module
@@ -136,6 +137,27 @@ class EMA(nn.Module):
         self.step = step + 1
         self.num_updates = 0 if step < self.update_after_step else self.num_updates + 1
 
+    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+        """Update the average once after every ``optimizer.step()``; returns a handle to ``remove()`` it.
+
+        Registers an optimizer step post-hook, so under gradient accumulation the average follows
+        optimizer steps, not micro-batches, and a training loop written by a framework needs no
+        change. State dicts (the optimizer's and this EMA's) are not affected.
+
+        Example::
+
+            handle = ema.attach(optimizer)
+            train(model, optimizer)   # each optimizer.step() also calls ema.update()
+            handle.remove()
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"attach() needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+
+        def update_after_step(_optimizer, _args, _kwargs) -> None:
+            self.update()
+
+        return optimizer.register_step_post_hook(update_after_step)
+
     def _pairs(self, model: nn.Module | None, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         return self._binding.pairs(self._live(model), index)
 
@@ -186,6 +208,17 @@ class EMA(nn.Module):
                 _exchange_(same)
                 for (_, tensor), saved in zip(other, kept):
                     tensor.copy_(saved)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Load this EMA's own state dict; also reads torch ``AveragedModel`` (ours or torch's) and timm ModelEmaV2/V3
+        checkpoints, of compiled and DataParallel models too (``module.`` / ``_orig_mod.`` names).
+
+        Other libraries' formats (torch_ema, diffusers, ema-pytorch, Lightning) and their schedules:
+        :func:`fused_ema.load_average`.
+        """
+        from fused_ema import checkpoints
+
+        return super().load_state_dict(checkpoints.to_own_format(self, state_dict, strict), strict, assign)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {
