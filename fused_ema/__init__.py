@@ -10,7 +10,7 @@ Example::
         evaluate(model)
 """
 
-from fused_ema import rules
+from fused_ema import posthoc, rules
 from fused_ema.averaged_model import (
     SWALR,
     AveragedModel,
@@ -24,6 +24,7 @@ from fused_ema.backends import available_backends
 from fused_ema.checkpoints import export_average, load_average
 from fused_ema.ema import EMA
 from fused_ema.functional import lerp_, multi_lerp_
+from fused_ema.posthoc import PostHocEMA
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "EMA",
     "SWALR",
     "AveragedModel",
+    "PostHocEMA",
     "available_backends",
     "export_average",
     "get_ema_avg_fn",
@@ -40,6 +42,7 @@ __all__ = [
     "lerp_",
     "load_average",
     "multi_lerp_",
+    "posthoc",
     "rules",
     "update_bn",
 ]
