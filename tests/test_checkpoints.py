@@ -62,6 +62,16 @@ def _timm_model_ema():
     return module
 
 
+def _trained_ema(steps: int = 2) -> fused_ema.EMA:
+    model = _net()
+    ema = fused_ema.EMA(model, decay=0.7)
+    trainer = _trainer(model)
+    for _ in range(steps):
+        next(trainer)
+        ema.update()
+    return ema
+
+
 def _shadow_dict(module: nn.Module, shadow: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for (name, _), tensor in zip(module.named_parameters(), shadow)}
 
@@ -187,12 +197,7 @@ def test_averaged_model_reads_and_writes_wrapped_model_checkpoints(wrap):
 
 
 def test_ema_and_averaged_model_checkpoints_load_into_each_other():
-    model = _net()
-    ema = fused_ema.EMA(model, decay=0.7)
-    trainer = _trainer(model)
-    for _ in range(3):
-        next(trainer)
-        ema.update()
+    ema = _trained_ema(steps=3)
     averaged = fused_ema.AveragedModel(_net(seed=3))
     averaged.load_state_dict(ema.state_dict())
     _assert_same(_floats(averaged.module), _floats(ema.module))
@@ -426,16 +431,6 @@ def _assert_unchanged(ema, before):
     for name, tensor in ema.module.state_dict().items():
         assert torch.equal(tensor, tensors[name]), name
     assert (ema.step, ema.num_updates, ema.rule) == (step, num_updates, rule)
-
-
-def _trained_ema():
-    model = _net()
-    ema = fused_ema.EMA(model, decay=0.7)
-    trainer = _trainer(model)
-    for _ in range(2):
-        next(trainer)
-        ema.update()
-    return ema
 
 
 def _mismatched_model():

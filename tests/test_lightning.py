@@ -141,3 +141,8 @@ def test_under_the_standalone_pytorch_lightning_package(tmp_path):
                            callbacks=[callback]).fit(model, _loader())
         averages.append(_floats(model))
     _assert_same(*averages)
+
+
+def test_a_misspelt_keyword_fails_at_construction():
+    with pytest.raises(TypeError, match="update_evry"):
+        FusedWeightAveraging(decay=0.9, update_evry=2)

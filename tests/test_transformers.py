@@ -106,3 +106,8 @@ def test_resume_without_a_saved_average_warns(tmp_path):
     _train(tmp_path, [], max_steps=3, save_steps=3)
     with pytest.warns(UserWarning, match="does not exist"):
         _train(tmp_path, [EMACallback(decay=DECAY)], resume=str(tmp_path / "checkpoint-3"))
+
+
+def test_a_misspelt_keyword_fails_at_construction():
+    with pytest.raises(TypeError, match="include_bufers"):
+        EMACallback(decay=0.9, include_bufers=False)

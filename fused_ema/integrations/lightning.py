@@ -9,11 +9,10 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-import torch
-
 from fused_ema import rules as rules_module
 from fused_ema.checkpoints import load_average
 from fused_ema.ema import EMA
+from fused_ema.integrations import ema_keywords
 
 try:
     from lightning.pytorch.callbacks import Callback
@@ -53,21 +52,10 @@ class FusedWeightAveraging(Callback):
     """
 
     def __init__(
-        self,
-        decay: float = 0.999,
-        *,
-        rule: rules_module.Rule | None = None,
-        update_after_step: int = 1,
-        update_every: int = 1,
-        device: torch.device | str | int | None = None,
-        dtype: torch.dtype | None = None,
-        include_buffers: bool = True,
-        backend: str = "auto",
+        self, decay: float = 0.999, *, rule: rules_module.Rule | None = None, update_after_step: int = 1,
         **ema_kwargs: Any,
     ) -> None:
-        self._ema_kwargs = {"decay": decay, "rule": rule, "update_after_step": update_after_step,
-                            "update_every": update_every, "device": device, "dtype": dtype,
-                            "include_buffers": include_buffers, "backend": backend, **ema_kwargs}
+        self._ema_kwargs = ema_keywords(decay=decay, rule=rule, update_after_step=update_after_step, **ema_kwargs)
         self._ema: EMA | None = None
         self._latest_update_step = 0  # trainer.global_step at the last update, as in Lightning
         self._latest_update_epoch = -1

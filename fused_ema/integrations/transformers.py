@@ -14,6 +14,7 @@ import torch
 
 from fused_ema import rules as rules_module
 from fused_ema.ema import EMA
+from fused_ema.integrations import ema_keywords
 
 try:
     from transformers import TrainerCallback
@@ -46,22 +47,10 @@ class EMACallback(TrainerCallback):
     """
 
     def __init__(
-        self,
-        decay: float = 0.999,
-        *,
-        rule: rules_module.Rule | None = None,
-        evaluate_with_average: bool = False,
-        update_after_step: int = 0,
-        update_every: int = 1,
-        device: torch.device | str | int | None = None,
-        dtype: torch.dtype | None = None,
-        include_buffers: bool = True,
-        backend: str = "auto",
+        self, decay: float = 0.999, *, rule: rules_module.Rule | None = None, evaluate_with_average: bool = False,
         **ema_kwargs: Any,
     ) -> None:
-        self._ema_kwargs = {"decay": decay, "rule": rule, "update_after_step": update_after_step,
-                            "update_every": update_every, "device": device, "dtype": dtype,
-                            "include_buffers": include_buffers, "backend": backend, **ema_kwargs}
+        self._ema_kwargs = ema_keywords(decay=decay, rule=rule, **ema_kwargs)
         self.evaluate_with_average = bool(evaluate_with_average)
         self.ema: EMA | None = None
         self._swap: contextlib.ExitStack | None = None
