@@ -419,6 +419,31 @@ def test_plain_lightning_checkpoint_is_refused():
         fused_ema.load_average(ema, {"state_dict": _net().state_dict(), "epoch": 1})
 
 
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding = nn.Embedding(5, 4)
+        self.head = nn.Linear(4, 5, bias=False)
+        self.head.weight = self.embedding.weight
+
+
+def test_tied_weights_stay_tied_through_import_and_export():
+    torch_ema = pytest.importorskip("torch_ema")
+    model = _Tied()
+    theirs = torch_ema.ExponentialMovingAverage(model.parameters(), decay=0.9)
+    with torch.no_grad():
+        model.embedding.weight.add_(1.0)
+    theirs.update()
+    ema = fused_ema.EMA(_Tied(), decay=0.9)
+    fused_ema.load_average(ema, theirs.state_dict())
+    assert ema.module.head.weight is ema.module.embedding.weight
+    torch.testing.assert_close(ema.module.head.weight, theirs.shadow_params[0])
+    assert len(fused_ema.export_average(ema, target="torch_ema")["shadow_params"]) == 1
+    ema.load_state_dict(model.state_dict())  # a plain state dict names the tied weight twice
+    torch.testing.assert_close(ema.module.head.weight, model.embedding.weight)
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 
