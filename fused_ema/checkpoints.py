@@ -347,9 +347,36 @@ def _check_shape(name: str, value: Tensor, like: Tensor, what: str) -> None:
         )
 
 
-def _positional(shadow: list[Tensor], module: nn.Module, what: str) -> dict[str, Tensor]:
-    """torch_ema / diffusers ``shadow_params`` matched to ``module.named_parameters()`` by position."""
+def _average_tensors(target: nn.Module, module: nn.Module, imported: _Imported, what: str) -> dict[str, Tensor]:
+    """The imported average by ``module``'s names: all of them, or only the selected ones where the
+    checkpoint holds only those (an average of part of the model)."""
+    selected = getattr(target, "_selection", None)
+    if imported.named is None:
+        return _positional(imported.positional, module, what, selected)
+    state = module.state_dict()
+    try:
+        return align(imported.named, state, what)
+    except ValueError:
+        if selected is None:
+            raise
+        parameters = {name for name, _ in module.named_parameters()}
+        kept = {name: t for name, t in state.items() if name in selected or name not in parameters}
+        try:
+            return align(imported.named, kept, what)
+        except ValueError:
+            pass
+        raise
+
+
+def _positional(shadow: list[Tensor], module: nn.Module, what: str, selected=None) -> dict[str, Tensor]:
+    """torch_ema / diffusers ``shadow_params`` matched to ``module.named_parameters()`` by position.
+
+    With a selection (``EMA(..., trainable_only=True)``) a list of only the selected parameters
+    (torch_ema made from ``[p for p in model.parameters() if p.requires_grad]``) matches too.
+    """
     named = list(module.named_parameters())
+    if selected is not None and len(shadow) == len(selected) != len(named):
+        named = [(name, parameter) for name, parameter in named if name in selected]
     if len(shadow) != len(named):
         raise ValueError(
             f"the {what} holds {len(shadow)} shadow_params but the model has {len(named)} parameters; "
@@ -381,11 +408,11 @@ def _to_own_format(target: nn.Module, imported: _Imported, strict: bool) -> tupl
     own = dict(target.state_dict(keep_vars=False))
     if isinstance(target, EMA):
         if imported.native is not None:
-            for index, average in enumerate(target.averages):
+            for index in range(len(target.averages)):
                 prefix = "module." if index == 0 else f"extra_averages.{index - 1}."
                 part = _strip(imported.native, prefix)
                 if part or strict:
-                    own.update({prefix + k: v for k, v in align(part, average.state_dict(), what).items()})
+                    own.update({prefix + k: v for k, v in align(part, _strip(own, prefix), what).items()})
             own.update({k: v for k, v in imported.native.items()
                         if not k.startswith(("module.", "extra_averages."))})
             return own, {}
@@ -393,9 +420,9 @@ def _to_own_format(target: nn.Module, imported: _Imported, strict: bool) -> tupl
             raise ValueError(
                 f"a {what} holds one average but this EMA keeps {len(target.averages)}; load it into an EMA with one rule"
             )
-        tensors = (align(imported.named, target.module.state_dict(), what) if imported.named is not None
-                   else _positional(imported.positional, target.module, what))
-        own.update({"module." + name: value for name, value in tensors.items()})
+        tensors = _average_tensors(target, target.module, imported, what)
+        # Only what the average owns: with a selection the others are the live model's tensors.
+        own.update({key: value for name, value in tensors.items() if (key := "module." + name) in own})
         settings = {"rule": imported.rule, "update_after_step": imported.update_after_step,
                     "update_every": imported.update_every}
         after = target.update_after_step if imported.update_after_step is None else imported.update_after_step
@@ -411,12 +438,10 @@ def _to_own_format(target: nn.Module, imported: _Imported, strict: bool) -> tupl
     if imported.native is not None:
         if any(key.startswith("extra_averages.") for key in imported.native):
             warnings.warn(f"the {what} keeps several averages; AveragedModel takes the first", stacklevel=3)
-        tensors = align(_strip(imported.native, "module."), target.module.state_dict(), what)
-    elif imported.named is not None:
-        tensors = align(imported.named, target.module.state_dict(), what)
+        tensors = align(_strip(imported.native, "module."), _strip(own, "module."), what)
     else:
-        tensors = _positional(imported.positional, target.module, what)
-    own.update({"module." + name: value for name, value in tensors.items()})
+        tensors = _average_tensors(target, target.module, imported, what)
+    own.update({key: value for name, value in tensors.items() if (key := "module." + name) in own})
     averaged = imported.num_updates if imported.num_updates is not None else imported.step
     if averaged is not None:
         own["n_averaged"] = torch.tensor(averaged, dtype=torch.long)

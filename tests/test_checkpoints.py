@@ -444,6 +444,23 @@ def test_tied_weights_stay_tied_through_import_and_export():
     torch.testing.assert_close(ema.module.head.weight, model.embedding.weight)
 
 
+@pytest.mark.parametrize("shadowed", ["trainable", "all"])
+def test_partial_average_takes_only_its_parameters(shadowed):
+    torch_ema = pytest.importorskip("torch_ema")
+    model = _net()
+    model[0].requires_grad_(False)  # frozen: an average of the rest shares it with the live model
+    frozen = model[0].weight.detach().clone()
+    parameters = [p for p in model.parameters() if p.requires_grad] if shadowed == "trainable" else model.parameters()
+    theirs = torch_ema.ExponentialMovingAverage(parameters, decay=0.9)
+    theirs.shadow_params = [t + 1.0 for t in theirs.shadow_params]
+    ema = fused_ema.EMA(model, decay=0.5, trainable_only=True)
+    fused_ema.load_average(ema, theirs.state_dict())
+    torch.testing.assert_close(ema.module[3].weight, theirs.shadow_params[-2])
+    assert torch.equal(model[0].weight, frozen)  # the live model's frozen layer is not written
+    state = fused_ema.export_average(ema, target="torch_ema")
+    assert len(state["shadow_params"]) == 6
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 
