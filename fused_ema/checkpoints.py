@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from fused_ema import rules as rules_module
+from fused_ema.selection import SELECTION_KEY
 
 SOURCES = ("fused_ema", "torch", "timm", "torch_ema", "diffusers", "ema_pytorch", "lightning")
 TARGETS = ("torch", "timm", "torch_ema", "diffusers", "ema_pytorch", "lightning")
@@ -102,7 +103,9 @@ def to_own_format(target: nn.Module, state_dict: Mapping[str, Any], strict: bool
         return state_dict  # nn.Module.load_state_dict raises its own TypeError
     own_keys = target.state_dict().keys()
     source = detect(state_dict, strict=False)
-    if source is not None and (set(state_dict) == set(own_keys) or not strict) and source == _own_source(target):
+    # A selection on either side: fused_ema.selection's load hook checks it and names what differs.
+    selective = SELECTION_KEY in state_dict or getattr(target, "_selection", None) is not None
+    if source == _own_source(target) and (set(state_dict) == set(own_keys) or not strict or selective):
         return state_dict
     if source is None or source not in STATE_DICT_SOURCES:
         found = f"a {source} checkpoint" if source else "a dict whose format is not recognised"
@@ -210,7 +213,8 @@ def _require(checkpoint: Mapping[str, Any], source: str, *names: str) -> None:
 def _tensors(mapping: Mapping[str, Any], source: str) -> dict[str, Tensor]:
     for key, value in mapping.items():
         if not isinstance(value, Tensor):
-            raise ValueError(f"{source} checkpoint: {key!r} holds a {type(value).__name__}, not a tensor")
+            # the checkpoint's content is wrong, not the argument's type
+            raise ValueError(f"{source} checkpoint: {key!r} holds a {type(value).__name__}, not a tensor")  # noqa: TRY004
     if not mapping:
         raise ValueError(f"{source} checkpoint holds no tensors of the average")
     return dict(mapping)
@@ -339,7 +343,7 @@ def align(source: Mapping[str, Tensor], target: Mapping[str, Tensor], what: str)
 
 def _check_shape(name: str, value: Tensor, like: Tensor, what: str) -> None:
     if not isinstance(value, Tensor):
-        raise ValueError(f"the {what} holds a {type(value).__name__} under {name!r}, not a tensor")
+        raise ValueError(f"the {what} holds a {type(value).__name__} under {name!r}, not a tensor")  # noqa: TRY004
     if value.shape != like.shape:
         raise ValueError(
             f"the {what} does not fit this model: {name!r} has shape {tuple(value.shape)} in the checkpoint "
