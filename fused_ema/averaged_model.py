@@ -134,17 +134,6 @@ class AveragedModel(swa_utils.AveragedModel):
             self._mirror_n_averaged(int(self.n_averaged))  # the user changed it: one read, as torch's class
         return self._n_host
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
-        """Load this AveragedModel's (or torch's) state dict; also reads fused_ema ``EMA`` and timm ModelEmaV2/V3
-        checkpoints, of compiled and DataParallel models too (``module.`` / ``_orig_mod.`` names).
-
-        Other libraries' formats (torch_ema, diffusers, ema-pytorch, Lightning) and their schedules:
-        :func:`fused_ema.load_average`.
-        """
-        from fused_ema import checkpoints
-
-        return super().load_state_dict(checkpoints.to_own_format(self, state_dict, strict), strict, assign)
-
     def _apply(self, fn: Callable, recurse: bool = True) -> AveragedModel:
         # .to() / .half() on the average must not move or cast the live model's shared parameters.
         return super()._apply(selection.sparing_shared(self, fn), recurse)
@@ -167,7 +156,14 @@ class AveragedModel(swa_utils.AveragedModel):
         self._mirror_n_averaged(count + 1)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
-        """As ``nn.Module.load_state_dict``, but all or nothing: a load that raises changes nothing."""
+        """As ``nn.Module.load_state_dict``, but all or nothing: a load that raises changes nothing.
+
+        Also reads fused_ema ``EMA`` and timm ModelEmaV2/V3 checkpoints, and torch's of compiled and
+        DataParallel models (``module.`` / ``_orig_mod.`` names); other formats: :func:`fused_ema.load_average`.
+        """
+        from fused_ema import checkpoints
+
+        state_dict = checkpoints.to_own_format(self, state_dict, strict)
         check_loadable(self, state_dict, strict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 

@@ -283,9 +283,15 @@ class EMA(nn.Module):
         """Load averages and counters saved by :meth:`state_dict`; all or nothing.
 
         Missing or unexpected keys (with ``strict``), a wrong shape or another number of averages
-        raise before anything is written, so the EMA is left exactly as it was.
+        raise before anything is written, so the EMA is left exactly as it was. Also reads torch
+        ``AveragedModel`` (ours or torch's) and timm ModelEmaV2/V3 checkpoints, of compiled and
+        DataParallel models too (``module.`` / ``_orig_mod.`` names); other libraries' formats and
+        their schedules: :func:`fused_ema.load_average`.
         """
+        from fused_ema import checkpoints
+
         self._check_not_swapped("load_state_dict")
+        state_dict = checkpoints.to_own_format(self, state_dict, strict)
         check_loadable(self, state_dict, strict)
         if "_extra_state" in state_dict:
             self._parse_extra_state(state_dict["_extra_state"])
@@ -301,17 +307,6 @@ class EMA(nn.Module):
         shared = [parameters[key] for key in getattr(self, "_shared_keys", ()) if key in parameters]
         for average in self.averages:
             pack_(average, skip=shared)  # a copy's tensors arrive as separate allocations: one block again
-
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
-        """Load this EMA's own state dict; also reads torch ``AveragedModel`` (ours or torch's) and timm ModelEmaV2/V3
-        checkpoints, of compiled and DataParallel models too (``module.`` / ``_orig_mod.`` names).
-
-        Other libraries' formats (torch_ema, diffusers, ema-pytorch, Lightning) and their schedules:
-        :func:`fused_ema.load_average`.
-        """
-        from fused_ema import checkpoints
-
-        return super().load_state_dict(checkpoints.to_own_format(self, state_dict, strict), strict, assign)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {

@@ -267,8 +267,8 @@ class FractionWarmupEMA(Rule):
     """
 
     def __init__(self, decay: float = 0.9999, *, min_decay: float = 0.0) -> None:
-        self.decay = _check_unit("decay", decay)
-        self.min_decay = _check_unit("min_decay", min_decay)
+        self.decay = check_unit("decay", decay)
+        self.min_decay = check_unit("min_decay", min_decay)
         if self.min_decay > self.decay:
             raise ValueError(f"min_decay ({min_decay}) must not exceed decay ({decay})")
 
@@ -288,10 +288,7 @@ class HalfLifeEMA(Rule):
     """
 
     def __init__(self, half_life: float) -> None:
-        half_life = float(half_life)
-        if not half_life > 0.0:  # also rejects nan
-            raise ValueError(f"half_life must be > 0 (in updates), got {half_life}")
-        self.half_life = half_life
+        self.half_life = _check_positive("half_life", half_life)  # in updates; also rejects nan
 
     @property
     def decay(self) -> float:
