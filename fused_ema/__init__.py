@@ -11,6 +11,7 @@ Example::
 """
 
 from fused_ema import rules
+from fused_ema._version import __version__
 from fused_ema.averaged_model import (
     SWALR,
     AveragedModel,
@@ -24,9 +25,8 @@ from fused_ema.backends import available_backends
 from fused_ema.ema import EMA
 from fused_ema.functional import lerp_, multi_lerp_
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "EMA",
     "SWALR",
     "AveragedModel",
