@@ -10,7 +10,7 @@ Example::
         evaluate(model)
 """
 
-from fused_ema import rules
+from fused_ema import posthoc, rules
 from fused_ema._version import __version__
 from fused_ema.averaged_model import (
     SWALR,
@@ -24,12 +24,14 @@ from fused_ema.averaged_model import (
 from fused_ema.backends import available_backends
 from fused_ema.ema import EMA
 from fused_ema.functional import lerp_, multi_lerp_
+from fused_ema.posthoc import PostHocEMA
 
 __all__ = [
     "__version__",
     "EMA",
     "SWALR",
     "AveragedModel",
+    "PostHocEMA",
     "available_backends",
     "get_ema_avg_fn",
     "get_ema_multi_avg_fn",
@@ -37,6 +39,7 @@ __all__ = [
     "get_swa_multi_avg_fn",
     "lerp_",
     "multi_lerp_",
+    "posthoc",
     "rules",
     "update_bn",
 ]
