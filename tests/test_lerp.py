@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import fused_ema
 from fused_ema.plan import Plan
 
-from helpers import DTYPES, REFERENCE, cpu_backends, tolerance
+from helpers import DTYPES, REFERENCE, REFERENCE_ULPS, assert_within_ulps, cpu_backends, tolerance
 
 SHAPES = {
     "scalar": (),
@@ -62,8 +62,8 @@ def test_backends_agree_with_reference(compared_backend, average_dtype, model_dt
     fused_ema.lerp_(ours, models, weight, backend=compared_backend)
     fused_ema.lerp_(oracle, models, weight, backend=REFERENCE)
     for mine, theirs in zip(ours, oracle):
-        # Same formula, same rounding: at most one unit in the last place apart (fma or not).
-        torch.testing.assert_close(mine, theirs, rtol=tolerance(average_dtype)["rtol"] / 2, atol=0)
+        # Same formula, same fma, one rounding: what REFERENCE_ULPS says (0: bit-identical).
+        assert_within_ulps(mine, theirs, REFERENCE_ULPS[compared_backend], f"{compared_backend} against reference")
 
 
 @pytest.mark.parametrize("layout", ["transposed", "sliced", "channels_last", "expanded_model", "mixed_strides"])
