@@ -80,7 +80,7 @@ def toolkit_version(home: Path) -> tuple[int, int] | None:
         pass
     try:
         output = subprocess.run([str(home / "bin" / "nvcc"), "--version"], capture_output=True, text=True,
-                                timeout=60).stdout
+                                timeout=60, check=False).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     match = re.search(r"release (\d+)\.(\d+)", output)
