@@ -21,6 +21,7 @@ with _warnings.catch_warnings():
     import torch  # noqa: F401
 
 from fused_ema import posthoc, rules
+from fused_ema._version import __version__
 from fused_ema.averaged_model import (
     SWALR,
     AveragedModel,
@@ -36,9 +37,8 @@ from fused_ema.ema import EMA
 from fused_ema.functional import lerp_, multi_lerp_
 from fused_ema.posthoc import PostHocEMA
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "EMA",
     "SWALR",
     "AveragedModel",
