@@ -1,6 +1,6 @@
 """GPU benchmark: each fused_ema GPU backend against torch._foreach_lerp_ and torch's AveragedModel.
 
-The same model zoo as the CPU benchmark (:data:`fused_ema.benchmark.ZOO`), built on the GPU. Each
+The same model zoo as the CPU benchmark (:data:`fused_ema.bench.ZOO`), built on the GPU. Each
 result reports the effective bandwidth of one update (the bytes an ideal single pass moves: read the
 model once, read and write every average, divided by the time) next to the device's copy bandwidth
 (``dst.copy_(src)`` of 256 MiB, read + write, measured in the same session), and the ratio of the two.
@@ -19,15 +19,8 @@ import pytest
 import torch
 
 from fused_ema import backends
-from fused_ema.benchmark import (
-    BASELINE,
-    ZOO,
-    Contender,
-    Skip,
-    Workload,
-    build_workload,
-    contenders,
-)
+from fused_ema.bench import BASELINE, ZOO, Contender, Skip, Workload, build_workload, contenders
+from fused_ema.bench.timer import compare, synchronizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -58,25 +51,15 @@ def _workload(name: str) -> Workload:
     return _workloads[name]
 
 
-def _elapsed_per_call(function, calls: int) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        function()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / calls
-
-
 @pytest.fixture(scope="session")
 def copy_bandwidth() -> float:
     """Bytes per second of a device-to-device copy (read plus write), median of 20."""
     source = torch.empty(COPY_BYTES, dtype=torch.uint8, device=DEVICE)
     target = torch.empty_like(source)
-    for _ in range(3):
-        target.copy_(source)
-    times = sorted(_elapsed_per_call(lambda: target.copy_(source), 10) for _ in range(20))
-    return 2 * COPY_BYTES / times[len(times) // 2]
+    copy = compare(
+        {"copy": lambda: target.copy_(source)}, rounds=20, calls=10, warmup=3, synchronize=synchronizer(DEVICE)
+    )
+    return 2 * COPY_BYTES / copy.median("copy")
 
 
 @pytest.mark.parametrize("contender_name", list(CONTENDERS))
