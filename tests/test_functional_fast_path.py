@@ -11,7 +11,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import tolerance
+from helpers import tolerance
 
 import fused_ema
 from fused_ema import functional, ops

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tolerance
+from helpers import tolerance
 from torch import nn
 from torch.optim import swa_utils
 
