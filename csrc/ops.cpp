@@ -11,8 +11,11 @@ TORCH_LIBRARY(fused_ema, m) {
   // For each set k and pair i: averages[k * len(models) + i] <- lerp(that average, models[i], weights[k]),
   // computed in float32 (float64 when either side is), rounded once on store; bfloat16 averages
   // are rounded stochastically with rounding_keys[k] when given (fused_ema/rounding.py).
+  // cudagraph_unsafe: the CUDA kernel copies its table and weights from host memory, which a
+  // captured graph would freeze (torch.compile's cudagraphs then leave this node out of the graph).
   m.def("multi_lerp_(Tensor(a!)[] averages, Tensor[] models, float[] weights, int[] tensor_indices, "
-        "int[]? rounding_keys) -> ()");
+        "int[]? rounding_keys) -> ()",
+        {at::Tag::cudagraph_unsafe});
 }
 
 // Importing the module loads the library, which runs the registrations above; the module itself

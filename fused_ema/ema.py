@@ -12,6 +12,7 @@ from torch import nn
 
 from fused_ema import backends, distributed
 from fused_ema import rules as rules_module
+from fused_ema.backends import capture
 from fused_ema.modules import Binding, clone_module, unwrap
 from fused_ema.rounding import rounding_key
 
@@ -30,6 +31,11 @@ class EMA(nn.Module):
     bfloat16 averages are rounded stochastically by default (``stochastic_rounding=None``), with
     bits that depend only on ``seed`` and the step. ``skip_nonfinite=True`` skips an update whose
     model holds inf or nan (counted in ``skipped_updates``, with a warning).
+
+    ``capturable=True`` keeps the update count on the device and computes each rule's weight there
+    (:meth:`fused_ema.rules.Rule.weight_tensor`), so one ``update()`` can be captured in a CUDA
+    graph and replayed with the right weights (warm up with one update before capturing). Without
+    it, an update during capture raises RuntimeError.
 
     Example::
 
@@ -56,6 +62,7 @@ class EMA(nn.Module):
         stochastic_rounding: bool | None = None,
         seed: int = 0,
         skip_nonfinite: bool = False,
+        capturable: bool = False,
     ) -> None:
         super().__init__()
         if rule is None:
@@ -80,7 +87,7 @@ class EMA(nn.Module):
         self.module = clones[0]  # state_dict keys "module.<name>", as in timm's ModelEmaV3
         self.extra_averages = nn.ModuleList(clones[1:])
         if stochastic_rounding is None:
-            stochastic_rounding = any(p.dtype == torch.bfloat16 for p in self.module.parameters())
+            stochastic_rounding = not capturable and any(p.dtype == torch.bfloat16 for p in self.module.parameters())
         self.stochastic_rounding = bool(stochastic_rounding)
         self.step = 0  # update() calls so far (or the last step given + 1)
         self.num_updates = 0  # averaging updates so far: the rules' n
@@ -88,6 +95,24 @@ class EMA(nn.Module):
         self._binding = Binding(self.averages, average_buffers=include_buffers, backend=backend)
         self._mesh = distributed.mesh_of(self.module)  # FSDP2: ranks agree on skipping (skip_nonfinite)
         self._stored: list[torch.Tensor] | None = None
+        self.capturable = bool(capturable)
+        if self.capturable:
+            self._init_capturable(update_after_step, update_every, skip_nonfinite)
+
+    def _init_capturable(self, update_after_step: int, update_every: int, skip_nonfinite: bool) -> None:
+        # Under graph replay no Python runs: whatever depends on the host step cannot be captured.
+        for name, value, default in (("update_after_step", update_after_step, 0), ("update_every", update_every, 1),
+                                     ("stochastic_rounding", self.stochastic_rounding, False),
+                                     ("skip_nonfinite", skip_nonfinite, False)):
+            if value != default:
+                raise ValueError(f"capturable=True needs {name}={default!r}, got {value!r}: it depends on the host "
+                                 "step, which a CUDA-graph replay does not advance")
+        device = next((t.device for t in self.module.parameters()), torch.device("cpu"))
+        counts = torch.zeros((), dtype=torch.int64, device=device)
+        for rule in self.rules:
+            rule.weight_tensor(counts)  # NotImplementedError now, not at the first update
+        # The rules' n on the device; not persistent (the checkpoint keeps num_updates as before).
+        self.register_buffer("_device_updates", counts, persistent=False)
 
     @property
     def averages(self) -> list[nn.Module]:
@@ -112,6 +137,9 @@ class EMA(nn.Module):
         counted. Steps before ``update_after_step`` copy the model; after it, steps that are not
         a multiple of ``update_every`` are skipped.
         """
+        if self.capturable:
+            self._update_capturable(model, step)
+            return
         if step is None:
             step = self.step
         elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -135,6 +163,18 @@ class EMA(nn.Module):
         plan.lerp_(weights, keys)
         self.step = step + 1
         self.num_updates = 0 if step < self.update_after_step else self.num_updates + 1
+
+    def _update_capturable(self, model: nn.Module | None, step: int | None) -> None:
+        """The update with weights computed on the device from a device count: capturable in a CUDA graph."""
+        if step is not None:
+            raise ValueError("capturable=True counts updates on the device; call update() without step")
+        counts = self._device_updates
+        weights = torch.stack([rule.weight_tensor(counts) for rule in self.rules])
+        capture.lerp_(self._binding.plan(self._live(model)), weights)
+        counts.add_(1)
+        # Host mirrors, right in eager mode; get_extra_state reads the device count instead.
+        self.step += 1
+        self.num_updates += 1
 
     def _pairs(self, model: nn.Module | None, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         return self._binding.pairs(self._live(model), index)
@@ -188,6 +228,8 @@ class EMA(nn.Module):
                     tensor.copy_(saved)
 
     def get_extra_state(self) -> dict[str, Any]:
+        if self.capturable:  # replays advanced the device count only; a checkpoint may read it back
+            self.num_updates = self.step = int(self._device_updates)
         return {
             "step": self.step,
             "num_updates": self.num_updates,
@@ -205,6 +247,8 @@ class EMA(nn.Module):
         self.num_updates = state["num_updates"]
         self.skipped_updates = state.get("skipped_updates", 0)
         self.seed = state["seed"]
+        if self.capturable:
+            self._device_updates.fill_(self.num_updates)
 
 
 def _exchange_(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:

@@ -176,7 +176,7 @@ def _emulated_lerp_(emulator, average_sets, models, weights, keys, chunk_element
     for group in plan.groups:
         assert group.fusable
         table = chunk_table.ChunkTable(group, chunk_elements)
-        step_args = table.write_step_args(weights, keys)
+        step_args = table.step_args(weights, keys)
         status = emulator(
             table.model_base.data_ptr(), table.average_base.data_ptr(), table.tensors.data_ptr(),
             table.chunks.data_ptr(), step_args.data_ptr(), table.chunk_count, table.chunk_elements, table.sets,

@@ -9,10 +9,15 @@ A group's update is one kernel launch over a table built once per group and kept
   stochastic rounding.
 - ``chunks``: int64 ``[C, 2]``, one row per chunk of at most ``chunk_elements`` elements: ``slot`` (row
   of ``tensors``) and ``start`` (offset of the chunk in the tensor's flat memory).
-- ``step_args``: int64 ``[2 * SETS]``, rewritten every update with one non-blocking copy: the float64
-  bits of each set's weight, then each set's rounding key. The weights live in device memory so a new
-  weight needs neither a recompilation nor a sync. (The copy comes from a fresh pinned buffer, so a
-  CUDA graph that captured an update would replay a stale buffer: graph capture is not supported yet.)
+- ``step_args``: int64 ``[2 * SETS]``, a fresh device buffer each update (from the caching
+  allocator, on the launching stream): the float64 bits of each set's weight, then each set's
+  rounding key. The weights live in device memory so a new weight needs neither a recompilation
+  nor a sync, and no buffer is ever rewritten under a kernel that may still read it.
+
+Stream safety: the tables are built on the current stream; a launch on another stream records that
+stream on them (``record_stream``), so a rebuild that drops them cannot hand their memory to a new
+allocation while that stream's kernel still reads it. Building a table copies it from the host,
+which a CUDA graph would freeze: it refuses to run during capture (warm up before capturing).
 
 Only this module reads data pointers. A storage swap (``param.data = t``, ``model.to(dtype)``) keeps
 the Python tensor but changes its pointer: :meth:`ChunkTable.refresh` notices it and rebuilds the
@@ -30,6 +35,7 @@ from operator import attrgetter
 
 import torch
 
+from fused_ema.backends import capture
 from fused_ema.plan import Group, is_dense
 
 # Elements one program (Triton) or one thread block (CUDA) updates. A multiple of every vector width,
@@ -125,9 +131,9 @@ class ChunkTable:
         # The snapshot the table is built from: taken with it, followed on every refresh.
         self.watch = _tensor_watch(group)
         self._build(group)
-        self.step_args = torch.zeros(2 * self.sets, dtype=torch.int64, device=self.device)
 
     def _build(self, group: Group) -> None:
+        capture.check_not_capturing("building the chunk table (first update, or after a storage swap)")
         rows = tensor_rows(group)
         # Held so the launch passes the bases the offsets were computed from (a swap rebuilds).
         self.model_base, self.average_base = group.models[0], group.averages[0][0]
@@ -138,6 +144,15 @@ class ChunkTable:
         self.tensors = _to_device(host_tensors, self.device)
         self.chunks = _to_device(chunk_rows(self.numels, self.chunk_elements), self.device)
         self.chunk_count = int(self.chunks.shape[0])  # host int from the host copy: no sync
+        self._streams = {_current_stream(self.device)}
+
+    def on_current_stream(self) -> None:
+        """Before a launch: keep the tables alive for the current stream too (see the module docstring)."""
+        stream = _current_stream(self.device)
+        if stream not in self._streams:
+            self.tensors.record_stream(stream)
+            self.chunks.record_stream(stream)
+            self._streams.add(stream)
 
     def refresh(self, group: Group) -> bool:
         """Rebuild after a storage swap; False when the group no longer fits (the plan must regroup).
@@ -166,17 +181,20 @@ class ChunkTable:
         self._build(group)
         return True
 
-    def write_step_args(self, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> torch.Tensor:
-        """Copy this update's weights and keys to the device without waiting, and return them."""
+    def step_args(self, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> torch.Tensor:
+        """This update's weights and keys in a fresh device buffer, copied without waiting."""
         keys = list(rounding_keys) if rounding_keys is not None else [0] * self.sets
         if len(weights) != self.sets or len(keys) != self.sets:
             raise ValueError(f"expected {self.sets} weights and rounding keys, got {len(weights)} and {len(keys)}")
         weight_bits = struct.unpack(f"<{self.sets}q", struct.pack(f"<{self.sets}d", *weights))
-        # A fresh pinned buffer each update: the caching host allocator keeps it alive until the copy
-        # has run, so the host never waits and never overwrites bytes still in flight.
+        # The pinned source is kept alive by the caching host allocator until the copy has run; the
+        # device buffer returns to the allocator of this stream once the launch has been enqueued.
         host = torch.tensor([*weight_bits, *keys], dtype=torch.int64, pin_memory=self.device.type == "cuda")
-        self.step_args.copy_(host, non_blocking=True)
-        return self.step_args
+        return host.to(self.device, non_blocking=True)
+
+
+def _current_stream(device: torch.device):
+    return torch.cuda.current_stream(device) if device.type == "cuda" else None
 
 
 def table(group: Group) -> ChunkTable:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fused_ema.backends import FusedBackend, chunk_table
+from fused_ema.backends import FusedBackend, capture, chunk_table
 
 _REBUILD = "put the CUDA toolkit's nvcc on the PATH and reinstall with `pip install --no-build-isolation .`"
 
@@ -58,12 +58,21 @@ class CudaBackend(FusedBackend):
 
     def run_table(self, group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
         table = chunk_table.table(group)
-        step_args = table.write_step_args(weights, rounding_keys)
+        self._launch(table, table.step_args(weights, rounding_keys), rounding_keys is not None)
+
+    def run_table_device(self, group, weights: torch.Tensor) -> None:
+        """A capturable update: ``weights`` is a 1-d tensor on the group's device (see capture.py)."""
+        self._launch(chunk_table.table(group), capture.step_args(weights), False)
+
+    @staticmethod
+    def _launch(table: chunk_table.ChunkTable, step_args: torch.Tensor, stochastic: bool) -> None:
         if table.chunk_count:
-            torch.ops.fused_ema.multi_lerp_table_(
-                table.model_base, table.average_base, table.tensors, table.chunks, step_args,
-                table.sets, table.chunk_elements, rounding_keys is not None,
-            )
+            with torch.cuda.device(table.device):  # the current stream of the tables' device
+                table.on_current_stream()
+                torch.ops.fused_ema.multi_lerp_table_(
+                    table.model_base, table.average_base, table.tensors, table.chunks, step_args,
+                    table.sets, table.chunk_elements, stochastic,
+                )
 
 
 BACKEND = CudaBackend()

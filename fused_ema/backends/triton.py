@@ -16,12 +16,13 @@ Triton's interpreter; only then does this backend accept CPU tensors, and "auto"
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 
 import torch
 
-from fused_ema.backends import FusedBackend, chunk_table
+from fused_ema.backends import FusedBackend, capture, chunk_table
 
 try:
     import triton
@@ -154,30 +155,43 @@ def _multi_lerp_kernel(
                     MASKED=True)
 
 
+def _on_device(device: torch.device):
+    """Make ``device`` current: Triton launches on the current device's current stream."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def launch_(table: chunk_table.ChunkTable, average_dtype: torch.dtype, model_dtype: torch.dtype,
-            weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
-    """Run the kernel over ``table`` with this update's weights: one launch, no sync."""
-    step_args = table.write_step_args(weights, rounding_keys)
-    if table.chunk_count == 0:
-        return
-    stochastic = rounding_keys is not None and average_dtype == torch.bfloat16
-    _multi_lerp_kernel[(table.chunk_count,)](
-        table.model_base,
-        table.average_base,
-        table.tensors,
-        table.chunks,
-        step_args,
-        AVERAGE_DTYPE=_TORCH_TO_TRITON[average_dtype],
-        MODEL_DTYPE=_TORCH_TO_TRITON[model_dtype],
-        WIDE=torch.float64 in (average_dtype, model_dtype),
-        SETS=table.sets,
-        STOCHASTIC=stochastic,
-        MODEL_ALIGNMENT=16 // model_dtype.itemsize if table.aligned else 1,
-        AVERAGE_ALIGNMENT=16 // average_dtype.itemsize if table.aligned else 1,
-        BLOCK=table.chunk_elements,
-        # The one fma is explicit; no other contraction, so results do not depend on Triton's default.
-        enable_fp_fusion=False,
-    )
+            weights: Sequence[float] | torch.Tensor, rounding_keys: Sequence[int] | None) -> None:
+    """Run the kernel over ``table`` with this update's weights: one launch, no sync.
+
+    ``weights`` are floats, or a 1-d device tensor (capturable updates: no host-to-device copy).
+    """
+    with _on_device(table.device):
+        if isinstance(weights, torch.Tensor):
+            step_args = capture.step_args(weights)
+        else:
+            step_args = table.step_args(weights, rounding_keys)
+        if table.chunk_count == 0:
+            return
+        table.on_current_stream()
+        stochastic = rounding_keys is not None and average_dtype == torch.bfloat16
+        _multi_lerp_kernel[(table.chunk_count,)](
+            table.model_base,
+            table.average_base,
+            table.tensors,
+            table.chunks,
+            step_args,
+            AVERAGE_DTYPE=_TORCH_TO_TRITON[average_dtype],
+            MODEL_DTYPE=_TORCH_TO_TRITON[model_dtype],
+            WIDE=torch.float64 in (average_dtype, model_dtype),
+            SETS=table.sets,
+            STOCHASTIC=stochastic,
+            MODEL_ALIGNMENT=16 // model_dtype.itemsize if table.aligned else 1,
+            AVERAGE_ALIGNMENT=16 // average_dtype.itemsize if table.aligned else 1,
+            BLOCK=table.chunk_elements,
+            # The one fma is explicit; no other contraction, so results do not depend on Triton's default.
+            enable_fp_fusion=False,
+        )
 
 
 class _ListGroup:
@@ -229,7 +243,9 @@ def _multi_lerp_impl(averages: list[torch.Tensor], models: list[torch.Tensor], w
 _OP_NAME = "fused_ema::triton_interpret_multi_lerp_" if INTERPRET else "fused_ema::triton_multi_lerp_"
 # Averages are set-major: averages[k * len(models) + i] is pair i of set k (the C++ op's layout).
 # An opaque custom op rather than triton_op: its body reads data pointers, which tracing cannot.
-multi_lerp_op = torch.library.custom_op(_OP_NAME, mutates_args=("averages",))(_multi_lerp_impl)
+# cudagraph_unsafe: the op copies its tables and weights from host memory, which a graph would freeze.
+multi_lerp_op = torch.library.custom_op(_OP_NAME, mutates_args=("averages",),
+                                        tags=(torch.Tag.cudagraph_unsafe,))(_multi_lerp_impl)
 
 
 @multi_lerp_op.register_fake
@@ -261,6 +277,10 @@ class TritonBackend(FusedBackend):
 
     def run_table(self, group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
         launch_(chunk_table.table(group), group.average_dtype, group.model_dtype, weights, rounding_keys)
+
+    def run_table_device(self, group, weights: torch.Tensor) -> None:
+        """A capturable update: ``weights`` is a 1-d tensor on the group's device (see capture.py)."""
+        launch_(chunk_table.table(group), group.average_dtype, group.model_dtype, weights, None)
 
     def list_op(self, averages, models, weights, tensor_indices, rounding_keys) -> None:
         multi_lerp_op(averages, models, weights, tensor_indices, rounding_keys)
