@@ -4,6 +4,7 @@
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
+#include "chunk_table_torch.h"
 #include "cpu/table.h"
 #include "tensor_watch.h"
 
@@ -19,9 +20,10 @@ TORCH_LIBRARY(fused_ema, m) {
 }
 
 // Importing the module loads the library, which runs the registrations above; the module itself
-// only carries CpuTable, the persistent table of the CPU hot path, and TensorWatch, the staleness
-// check every fused backend's table shares.
+// only carries CpuTable, the persistent table of the CPU hot path, TensorWatch, the staleness
+// check every fused backend's table shares, and the chunk-table builder with its constants.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   fused_ema::bind_tensor_watch(module);
+  fused_ema::bind_chunk_table(module);
   fused_ema::cpu::bind_cpu_table(module);
 }

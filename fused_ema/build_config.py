@@ -12,7 +12,7 @@ from pathlib import Path
 
 def cpu_sources(csrc: Path) -> list[Path]:
     """The C++ sources of the CPU extension, below the ``csrc`` directory."""
-    return [csrc / "ops.cpp", csrc / "tensor_watch.cpp", *sorted((csrc / "cpu").glob("*.cpp"))]
+    return [csrc / "ops.cpp", csrc / "tensor_watch.cpp", csrc / "chunk_table.cpp", *sorted((csrc / "cpu").glob("*.cpp"))]
 
 
 def compile_flags() -> tuple[list[str], list[str]]:

@@ -212,7 +212,7 @@ def test_triton_launch_makes_the_tables_device_current(monkeypatch):
 
     monkeypatch.setattr(interpreted.torch.cuda, "device", fake_device)
     monkeypatch.setattr(interpreted, "_multi_lerp_kernel", Kernel())
-    interpreted.launch_(Table(), torch.float32, torch.float32, [0.5], None)
+    interpreted.launch_(Table(), None, None, torch.float32, torch.float32, [0.5], None)
     assert launches == [("step_args", 1), ("stream", 1), 1]
     assert current["device"] == 0
 

@@ -1,8 +1,9 @@
 """The "cuda" backend: the CUDA kernel of csrc/cuda, one launch per group, no host-device sync.
 
-A thin wrapper. Eager updates call ``torch.ops.fused_ema.multi_lerp_table_`` with the group's
-device-resident chunk table (built once by :mod:`fused_ema.backends.chunk_table`, shared with the
-"triton" backend), so an update passes five tensors instead of lists of thousands. Under
+A thin wrapper. Eager updates call the extension's private ``_C._multi_lerp_table_`` with the
+group's device-resident chunk table (built once by :mod:`fused_ema.backends.chunk_table`, shared
+with the "triton" backend), so an update passes five tensors instead of lists of thousands. (Not a
+``torch.library`` operator: it writes through the table's pointers, which no schema can declare.) Under
 ``torch.compile`` the list operator ``torch.ops.fused_ema.multi_lerp_`` (CUDA dispatch key, fake in
 :mod:`fused_ema.ops`) runs instead, which the compiler sees as one node.
 """
@@ -46,6 +47,7 @@ def _reason() -> str | None:
 class CudaBackend(FusedBackend):
     name = "cuda"
     device_types = ("cuda",)
+    max_sets = chunk_table.MAX_SETS
 
     def unavailable_reason(self) -> str | None:
         return _reason()
@@ -69,7 +71,7 @@ class CudaBackend(FusedBackend):
         if table.chunk_count:
             with torch.cuda.device(table.device):  # the current stream of the tables' device
                 table.on_current_stream()
-                torch.ops.fused_ema.multi_lerp_table_(
+                _ops()._C._multi_lerp_table_(
                     table.model_base, table.average_base, table.tensors, table.chunks, step_args,
                     table.sets, table.chunk_elements, stochastic,
                 )
