@@ -10,7 +10,7 @@ Example::
         evaluate(model)
 """
 
-from fused_ema import rules
+from fused_ema import posthoc, rules
 from fused_ema.averaged_model import (
     SWALR,
     AveragedModel,
@@ -23,6 +23,7 @@ from fused_ema.averaged_model import (
 from fused_ema.backends import available_backends
 from fused_ema.ema import EMA
 from fused_ema.functional import lerp_, multi_lerp_
+from fused_ema.posthoc import PostHocEMA
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ __all__ = [
     "EMA",
     "SWALR",
     "AveragedModel",
+    "PostHocEMA",
     "available_backends",
     "get_ema_avg_fn",
     "get_ema_multi_avg_fn",
@@ -37,6 +39,7 @@ __all__ = [
     "get_swa_multi_avg_fn",
     "lerp_",
     "multi_lerp_",
+    "posthoc",
     "rules",
     "update_bn",
 ]

@@ -172,11 +172,39 @@ def demo(argv: Sequence[str]) -> int:
     return int(examples.main(list(argv)) or 0)
 
 
+# ---------------------------------------------------------------------------------------------
+# posthoc
+# ---------------------------------------------------------------------------------------------
+
+
+def posthoc(args: argparse.Namespace) -> int:
+    """Synthesize the power EMA ``--sigma-rel`` from a PostHocEMA directory into ``--out``."""
+    from fused_ema import posthoc as posthoc_module
+
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        return _error("--plot needs matplotlib: pip install matplotlib (or pip install 'fused_ema[plot]')")
+    try:
+        state = posthoc_module.synthesize(args.directory, args.sigma_rel, args.step)
+    except (OSError, ValueError, TypeError) as error:
+        return _error(str(error))
+    solution = state.solution
+    print(f"sigma_rel {solution.sigma_rel:g} (gamma {solution.gamma:.3f}) at step {solution.step}, "
+          f"from {len(solution.snapshots)} snapshots: relative profile fit error {solution.fit_error:.2e}")
+    if solution.fit_error > 0.05:
+        print("  the snapshots span this profile poorly: choose a sigma_rel closer to the tracked ones")
+    torch.save(dict(state), args.out)
+    print(f"Averaged weights written to {args.out} (model.load_state_dict(torch.load({args.out!r})))")
+    if args.plot:
+        posthoc_module.plot_profile(solution, args.plot)
+        print(f"Profile plot written to {args.plot}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROGRAM, description="Fused weight averaging for PyTorch: what runs here, and how fast."
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{info,bench,demo}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{info,bench,demo,posthoc}")
     commands.add_parser("info", help="versions, backends available here and why others are not, what 'auto' picks")
     bench_parser = commands.add_parser(
         "bench",
@@ -203,6 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--rounds", type=int, metavar="N", help="interleaved rounds per workload (default: as many as fit its time)"
     )
     bench_parser.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads(N) first")
+    posthoc_parser = commands.add_parser(
+        "posthoc",
+        help="post-hoc EMA: rebuild the power EMA of any sigma_rel from PostHocEMA snapshots",
+        description=(
+            "Solve EDM2's least-squares problem over the snapshots in DIRECTORY (written by "
+            "fused_ema.PostHocEMA) and save the averaged weights of the requested sigma_rel."
+        ),
+    )
+    posthoc_parser.add_argument("directory", metavar="DIRECTORY", help="the PostHocEMA(directory=...) of the run")
+    posthoc_parser.add_argument("--sigma-rel", type=float, required=True, help="relative EMA width, e.g. 0.07")
+    posthoc_parser.add_argument("--out", required=True, metavar="FILE.pt", help="where to torch.save the state dict")
+    posthoc_parser.add_argument("--step", type=int, help="steps done at which to average (default: the last snapshot)")
+    posthoc_parser.add_argument("--plot", metavar="FILE.png", help="draw the reconstructed profile (needs matplotlib)")
     commands.add_parser(
         "demo", help="run the examples (arguments are passed on; see fused-ema demo --help)", add_help=False
     )
@@ -218,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     if args.command == "info":
         return info(args)
+    if args.command == "posthoc":
+        return posthoc(args)
     return bench(args)
 
 

@@ -10,6 +10,7 @@ after ``COLLECTIVE_TIMEOUT`` and the fixture kills any rank still alive after ``
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 import socket
 import time
@@ -170,7 +171,7 @@ def _entry(rank: int, scenario: str, port: int, directory: str) -> None:
     )
     try:
         torch.set_num_threads(1)
-        SCENARIOS[scenario](rank, Path(directory))
+        SCENARIOS[scenario](rank, Path(directory)) if scenario in SCENARIOS else _imported(scenario)(rank, Path(directory))
         dist.barrier()
     except BaseException:
         (Path(directory) / f"error.rank{rank}.txt").write_text(traceback.format_exc())
@@ -181,6 +182,12 @@ def _entry(rank: int, scenario: str, port: int, directory: str) -> None:
     # destructor ("terminate called without an active exception", seen with torchrun and no
     # fused_ema at all). Every result is on disk by now, so skip the interpreter's teardown.
     os._exit(0)
+
+
+def _imported(scenario: str):
+    """A scenario of another test module, named ``"module:function"`` (the ranks import it)."""
+    module, function = scenario.split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def spawn(scenario: str, directory: Path) -> BaseException | None:

@@ -15,7 +15,7 @@ import importlib
 import sys
 
 # name -> module; each module has main(argv, prog) -> int
-EXAMPLES = {"digits": "fused_ema.examples.digits"}
+EXAMPLES = {"digits": "fused_ema.examples.digits", "posthoc": "fused_ema.examples.posthoc_digits"}
 DEFAULT = "digits"
 
 
