@@ -217,6 +217,41 @@ def test_triton_launch_makes_the_tables_device_current(monkeypatch):
     assert current["device"] == 0
 
 
+def test_cuda_launch_makes_the_tables_device_current(monkeypatch):
+    from fused_ema.backends import cuda as cuda_backend
+
+    current = {"device": 0}
+    launches = []
+
+    @contextlib.contextmanager
+    def fake_device(device):
+        previous, current["device"] = current["device"], torch.device(device).index
+        try:
+            yield
+        finally:
+            current["device"] = previous
+
+    class Extension:
+        @staticmethod
+        def _multi_lerp_table_(*args):
+            launches.append(current["device"])
+
+    class Ops:
+        _C = Extension
+
+    class Table:
+        device, chunk_count, sets, chunk_elements = torch.device("cuda", 1), 3, 1, 64
+        model_base = average_base = tensors = chunks = None
+
+        def on_current_stream(self):
+            launches.append(("stream", current["device"]))
+
+    monkeypatch.setattr(cuda_backend.torch.cuda, "device", fake_device)
+    monkeypatch.setattr(cuda_backend, "_ops", lambda: Ops)
+    cuda_backend.CudaBackend._launch(Table(), None, False)
+    assert launches == [("stream", 1), 1] and current["device"] == 0
+
+
 def test_fused_operators_are_tagged_cudagraph_unsafe():
     interpreted = triton_interpreted.module()
     if interpreted is not None:
