@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.optim import swa_utils
 from torch.optim.swa_utils import SWALR, update_bn  # noqa: F401  (re-exported)
 
-from fused_ema import backends
+from fused_ema import backends, selection
 from fused_ema.backends import capture, offload
 from fused_ema.backends.reference import compute_dtype
 from fused_ema.modules import Binding, clone_module, unwrap
@@ -83,6 +83,10 @@ class AveragedModel(swa_utils.AveragedModel):
     Rules from ``get_*_avg_fn`` of this module (or any
     :class:`fused_ema.rules.Rule`) take the fused path; other functions run as in torch.
 
+    Keyword-only extras: ``include=`` / ``exclude=`` / ``trainable_only=`` average part of the
+    model and share the rest with it (as in :class:`fused_ema.EMA`), and ``averaged_module=`` is
+    a copy of the model built by you, used instead of ``copy.deepcopy``.
+
     Example::
 
         swa_model = fused_ema.AveragedModel(model, multi_avg_fn=fused_ema.get_ema_multi_avg_fn(0.999))
@@ -100,12 +104,18 @@ class AveragedModel(swa_utils.AveragedModel):
         use_buffers: bool = False,
         *,
         backend: str = "auto",
+        include: selection.Patterns = None,
+        exclude: selection.Patterns = None,
+        trainable_only: bool = False,
+        averaged_module: nn.Module | None = None,
         capturable: bool = False,
     ) -> None:
         nn.Module.__init__(self)
         if avg_fn is not None and multi_avg_fn is not None:
             raise ValueError("give only one of avg_fn and multi_avg_fn")
-        self.module = clone_module(unwrap(model), device)
+        model = unwrap(model)
+        selected = selection.select(model, include, exclude, trainable_only)
+        self.module = clone_module(model, device, selected=selected, copy_of_model=averaged_module)
         self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long, device=device))
         self.avg_fn = avg_fn
         self.multi_avg_fn = multi_avg_fn
@@ -113,7 +123,8 @@ class AveragedModel(swa_utils.AveragedModel):
         self.backend = backends.check_name(backend)
         self._rule = SWA() if avg_fn is None and multi_avg_fn is None else _rule_of(avg_fn or multi_avg_fn)
         self._n_host = 0
-        self._binding = Binding([self.module], average_buffers=use_buffers, backend=backend)
+        self._binding = Binding([self.module], average_buffers=use_buffers, backend=backend, selected=selected)
+        selection.attach(self, model, [self.module], selected)
         self.register_load_state_dict_post_hook(_reread_n_averaged)
         self.capturable = bool(capturable)
         if self.capturable:
@@ -124,6 +135,10 @@ class AveragedModel(swa_utils.AveragedModel):
             # The count the weights are computed from must live where the graph runs: the average's device.
             average_device = next((t.device for t in self.module.parameters()), self.n_averaged.device)
             self.n_averaged = self.n_averaged.to(average_device)
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> AveragedModel:
+        # .to() / .half() on the average must not move or cast the live model's shared parameters.
+        return super()._apply(selection.sparing_shared(self, fn), recurse)
 
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:

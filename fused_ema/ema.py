@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from fused_ema import backends, distributed
+from fused_ema import backends, distributed, selection
 from fused_ema import rules as rules_module
 from fused_ema.backends import capture
 from fused_ema.modules import Binding, clone_module, unwrap
@@ -27,6 +27,13 @@ class EMA(nn.Module):
     ``update_every``-th step averages. Floating buffers are averaged with ``include_buffers``
     (else copied), integer buffers are always copied. A sequence of rules (or of decays) keeps one
     average per rule, all updated in the same pass over the model (``ema.averages[k]``).
+
+    Averaging part of a model: ``include=`` / ``exclude=`` (parameter names, globs such as
+    ``"*.lora_*"``, or predicates on ``(name, tensor)``) and ``trainable_only=True`` (parameters
+    with ``requires_grad``) choose the averaged parameters; the others are not copied but shared
+    with the live model (``ema(x)`` and ``swap`` still work; see :mod:`fused_ema.selection`).
+    ``ema_model=``: a copy of the model built by you (same names and shapes; one per rule), used
+    instead of ``copy.deepcopy`` for models that cannot be deep-copied; it gets the model's values.
 
     bfloat16 averages are rounded stochastically by default (``stochastic_rounding=None``), with
     bits that depend only on ``seed`` and the step. ``skip_nonfinite=True`` skips an update whose
@@ -62,6 +69,10 @@ class EMA(nn.Module):
         stochastic_rounding: bool | None = None,
         seed: int = 0,
         skip_nonfinite: bool = False,
+        include: selection.Patterns = None,
+        exclude: selection.Patterns = None,
+        trainable_only: bool = False,
+        ema_model: nn.Module | Sequence[nn.Module] | None = None,
         capturable: bool = False,
     ) -> None:
         super().__init__()
@@ -83,7 +94,12 @@ class EMA(nn.Module):
         self.seed = int(seed)
         self.skip_nonfinite = skip_nonfinite
         self.__dict__["_model"] = unwrap(model)  # the live model: kept, never registered as a child
-        clones = [clone_module(self._model, device, dtype).requires_grad_(False) for _ in rule_list]
+        copies = [None] * len(rule_list) if ema_model is None else _one_per_rule(ema_model, len(rule_list))
+        selected = selection.select(self._model, include, exclude, trainable_only)
+        clones = [
+            clone_module(self._model, device, dtype, selected=selected, copy_of_model=copy, requires_grad=False)
+            for copy in copies
+        ]
         self.module = clones[0]  # state_dict keys "module.<name>", as in timm's ModelEmaV3
         self.extra_averages = nn.ModuleList(clones[1:])
         if stochastic_rounding is None:
@@ -92,7 +108,8 @@ class EMA(nn.Module):
         self.step = 0  # update() calls so far (or the last step given + 1)
         self.num_updates = 0  # averaging updates so far: the rules' n
         self.skipped_updates = 0
-        self._binding = Binding(self.averages, average_buffers=include_buffers, backend=backend)
+        self._binding = Binding(self.averages, average_buffers=include_buffers, backend=backend, selected=selected)
+        selection.attach(self, self._model, self.averages, selected)
         self._mesh = distributed.mesh_of(self.module)  # FSDP2: ranks agree on skipping (skip_nonfinite)
         self._stored: list[torch.Tensor] | None = None
         self.capturable = bool(capturable)
@@ -125,6 +142,10 @@ class EMA(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> EMA:
+        # .to() / .half() on the average must not move or cast the live model's shared parameters.
+        return super()._apply(selection.sparing_shared(self, fn), recurse)
 
     def _live(self, model: nn.Module | None) -> nn.Module:
         return self._model if model is None else unwrap(model)
@@ -249,6 +270,17 @@ class EMA(nn.Module):
         self.seed = state["seed"]
         if self.capturable:
             self._device_updates.fill_(self.num_updates)
+
+
+def _one_per_rule(ema_model: nn.Module | Sequence[nn.Module], count: int) -> list[nn.Module]:
+    copies = [ema_model] if isinstance(ema_model, nn.Module) else list(ema_model)
+    if len(copies) != count or len({id(copy) for copy in copies}) != count:
+        raise ValueError(
+            f"ema_model must be one separate module per average: this EMA keeps {count} averages "
+            f"(one per rule or decay), got {len(copies)} module(s)"
+            + ("" if len({id(copy) for copy in copies}) == len(copies) else " with repeats")
+        )
+    return copies
 
 
 def _exchange_(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:

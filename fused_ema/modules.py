@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import copy
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -52,34 +52,121 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def clone_module(
-    model: nn.Module, device: torch.device | str | int | None = None, dtype: torch.dtype | None = None
-) -> nn.Module:
-    """A deep copy of ``model`` for averaging, on ``device``, floating tensors cast to ``dtype``.
+class CannotCopyError(TypeError, RuntimeError):
+    """``copy.deepcopy`` refused the model (a TypeError or RuntimeError, as deepcopy's own errors are)."""
 
-    FSDP2 models refuse deepcopy: their copy is sharded like them (``distributed.clone_sharded``).
+
+def clone_module(
+    model: nn.Module,
+    device: torch.device | str | int | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    selected: Collection[str] | None = None,
+    copy_of_model: nn.Module | None = None,
+    requires_grad: bool | None = None,
+) -> nn.Module:
+    """A copy of ``model`` for averaging, on ``device``, its averaged floating tensors cast to ``dtype``.
+
+    ``selected`` (names from :func:`fused_ema.selection.select`; ``None``: every parameter): the
+    other parameters are not copied but shared, the copy holds the live model's own parameter
+    objects, unless the copy lives on another device (then they are copied once, since a module
+    runs on one device). ``copy_of_model``: a module the user built with the same names and
+    shapes, used instead of a deep copy; the model's values are copied into it. FSDP2 models
+    refuse deepcopy: their copy is sharded like them (``distributed.clone_sharded``).
+    ``requires_grad``: set on the copy's own parameters (never on shared ones).
     """
-    if distributed.is_fsdp(model):
-        return distributed.clone_sharded(model, device, dtype)
-    clone = copy.deepcopy(model)
-    if device is not None:
-        clone = clone.to(device)
-    if dtype is not None:
-        if not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
-        clone = clone.to(dtype)  # Module.to(dtype) leaves integer buffers alone
-    return pack_(clone)
+    if dtype is not None and not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+    if copy_of_model is None and distributed.is_fsdp(model):
+        # Sharded like the model and not packed; unselected parameters are copied, not shared.
+        clone = distributed.clone_sharded(model, device, dtype)
+        return clone if requires_grad is None else clone.requires_grad_(requires_grad)
+    target = None if device is None else torch.device(device)
+    shared = {
+        id(parameter): parameter
+        for name, parameter in model.named_parameters()
+        if selected is not None and name not in selected and _on(target or parameter.device, parameter)
+    }
+    if copy_of_model is None:
+        clone = _deepcopy(model, shared)
+    else:
+        clone = _adopt(copy_of_model, model, shared)
+    if device is not None or dtype is not None:
+        clone._apply(lambda t: t if id(t) in shared else _convert(t, target, dtype))
+    if copy_of_model is not None:
+        shared = _share_(clone, model, shared)
+    if requires_grad is not None:
+        for parameter in clone.parameters():
+            if id(parameter) not in shared:
+                parameter.requires_grad_(requires_grad)
+    return pack_(clone, skip=shared.values())
+
+
+def _on(device: torch.device, tensor: torch.Tensor) -> bool:
+    return device.type == tensor.device.type and device.index in (None, tensor.device.index)
+
+
+def _convert(tensor: torch.Tensor, device: torch.device | None, dtype: torch.dtype | None) -> torch.Tensor:
+    # What Module.to(device, dtype) does to one tensor: integer tensors keep their dtype.
+    return tensor.to(device, dtype if tensor.is_floating_point() else None)
+
+
+def _deepcopy(model: nn.Module, shared: dict[int, torch.Tensor]) -> nn.Module:
+    # The memo makes deepcopy hand back the shared parameters themselves: they are never copied.
+    memo: dict[int, object] = dict(shared)
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as error:
+        raise CannotCopyError(
+            f"copy.deepcopy(model) failed ({type(error).__name__}: {error}); build a copy of the model "
+            "yourself (same class, same parameter and buffer names and shapes) and pass it as "
+            "EMA(model, ema_model=copy) or AveragedModel(model, averaged_module=copy)"
+        ) from error
 
 
 @torch.no_grad()
-def pack_(module: nn.Module) -> nn.Module:
+def _adopt(copy_of_model: nn.Module, model: nn.Module, shared: dict[int, torch.Tensor]) -> nn.Module:
+    """``copy_of_model``, checked against ``model`` name by name, with the model's values (but
+    for the tensors that will be ``shared``)."""
+    if not isinstance(copy_of_model, nn.Module):
+        raise TypeError(f"the copy of the model must be an nn.Module, got {type(copy_of_model).__name__}")
+    copy_of_model = unwrap(copy_of_model)
+    if copy_of_model is model:
+        raise ValueError("the copy of the model is the model itself: pass a separate module to hold the average")
+    try:
+        for buffers in (False, True):
+            averages, models = pair_by_name(copy_of_model, model, buffers=buffers)
+            for average, live in zip(averages, models):
+                if average is not live and id(live) not in shared:
+                    average.copy_(live)
+    except ValueError as error:
+        raise ValueError(f"the copy of the model does not match the model: {error}") from None
+    return copy_of_model
+
+
+def _share_(clone: nn.Module, model: nn.Module, candidates: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Register the live ``candidates`` in ``clone`` under their names where the devices agree."""
+    shared = {}
+    clone_parameters = dict(clone.named_parameters(remove_duplicate=False))
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in candidates and _on(clone_parameters[name].device, parameter):
+            owner, _, leaf = name.rpartition(".")
+            clone.get_submodule(owner)._parameters[leaf] = parameter
+            shared[id(parameter)] = parameter
+    return shared
+
+
+@torch.no_grad()
+def pack_(module: nn.Module, skip: Iterable[torch.Tensor] = ()) -> nn.Module:
     """Move the floating parameters and buffers of ``module`` into one flat buffer per device and dtype.
 
     Each tensor becomes a view of its buffer with its own shape and strides, so nothing else
     changes; the kernels then stream through one contiguous block instead of thousands of small
-    allocations (the many-small-tensors case runs near the speed of one flat lerp_).
+    allocations (the many-small-tensors case runs near the speed of one flat lerp_). Tensors in
+    ``skip`` (the live model's, shared with an average of part of it) stay where they are.
     """
-    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}.values()  # tied weights once
+    skipped = {id(t) for t in skip}  # shared with the live model: not ours to move
+    tensors = [t for t in {id(t): t for t in (*module.parameters(), *module.buffers())}.values() if id(t) not in skipped]
     storages = collections.Counter(t.untyped_storage().data_ptr() for t in tensors)
     groups: dict[tuple, list[torch.Tensor]] = {}
     for tensor in tensors:
@@ -105,9 +192,12 @@ def _named(module: nn.Module, buffers: bool) -> dict[str, torch.Tensor]:
 
 
 def pair_by_name(
-    averaged: nn.Module, model: nn.Module, buffers: bool
+    averaged: nn.Module, model: nn.Module, buffers: bool, selected: Collection[str] | None = None
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Tensors of ``averaged`` and ``model`` in matching order; ValueError on the first mismatch."""
+    """Tensors of ``averaged`` and ``model`` in matching order; ValueError on the first mismatch.
+
+    Every name is checked; only the ``selected`` parameters (all when ``None``) are returned.
+    """
     kind = "buffer" if buffers else "parameter"
     for module in (averaged, model):
         distributed.reshard_(module)  # FSDP2: the sharded tensors, not ones gathered for a forward
@@ -128,6 +218,8 @@ def pair_by_name(
         if name not in averaged_tensors:
             raise ValueError(f"the model has a {kind} {name!r} that the average lacks")
     names = list(averaged_tensors)
+    if selected is not None and not buffers:
+        names = [name for name in names if name in selected]
     return [averaged_tensors[n] for n in names], [model_tensors[n] for n in names]
 
 
@@ -145,11 +237,20 @@ class Binding:
     """The plan that updates ``averaged`` modules from one live model, rebuilt only on change.
 
     ``average_buffers``: floating buffers are averaged like parameters; otherwise every buffer is
-    copied from the model on each update (torch's ``use_buffers=False``).
+    copied from the model on each update (torch's ``use_buffers=False``). ``selected``: the names
+    of the averaged parameters (``None``: all); the others are shared, never updated.
     """
 
-    def __init__(self, averaged: Sequence[nn.Module], *, average_buffers: bool, backend: str) -> None:
+    def __init__(
+        self,
+        averaged: Sequence[nn.Module],
+        *,
+        average_buffers: bool,
+        backend: str,
+        selected: Collection[str] | None = None,
+    ) -> None:
         self.averaged = list(averaged)
+        self.selected = None if selected is None else frozenset(selected)
         self.average_buffers = average_buffers
         self.backend = backend
         self._model: nn.Module | None = None
@@ -168,7 +269,7 @@ class Binding:
 
     def pairs(self, model: nn.Module, index: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(averaged, live) floating tensors that hold the average: for swap and copy_to."""
-        averages, models = pair_by_name(self.averaged[index], model, buffers=False)
+        averages, models = pair_by_name(self.averaged[index], model, buffers=False, selected=self.selected)
         if self.average_buffers:
             buffers, model_buffers = pair_by_name(self.averaged[index], model, buffers=True)
             floating = [i for i, b in enumerate(buffers) if b.is_floating_point()]
@@ -193,7 +294,7 @@ class Binding:
         """[averages of set 0, ..., averages of set K-1, models, copy targets, copy sources]."""
         average_sets, models, copy_targets, copy_sources = [], [], [], []
         for index, averaged in enumerate(self.averaged):
-            averages, models = pair_by_name(averaged, model, buffers=False)
+            averages, models = pair_by_name(averaged, model, buffers=False, selected=self.selected)
             buffers, model_buffers = pair_by_name(averaged, model, buffers=True)
             if self.average_buffers:
                 averages, models = averages + buffers, models + model_buffers

@@ -5,6 +5,7 @@ runnable on its own::
 
     fused-ema demo --plot digits.png
     python -m fused_ema.examples.digits --rules ema swa --decays 0.99 0.999
+    fused-ema demo --lora             # an EMA of LoRA adapters only (same as: fused-ema demo lora)
 
 The examples need the ``examples`` extra: ``pip install scikit-learn matplotlib``.
 """
@@ -15,7 +16,11 @@ import importlib
 import sys
 
 # name -> module; each module has main(argv, prog) -> int
-EXAMPLES = {"digits": "fused_ema.examples.digits", "posthoc": "fused_ema.examples.posthoc_digits"}
+EXAMPLES = {
+    "digits": "fused_ema.examples.digits",
+    "posthoc": "fused_ema.examples.posthoc_digits",
+    "lora": "fused_ema.examples.lora",
+}
 DEFAULT = "digits"
 
 
@@ -29,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     name = DEFAULT
+    if argv[:1] == ["--lora"]:  # fused-ema demo --lora
+        argv[0] = "lora"
     if argv and not argv[0].startswith("-"):
         name = argv.pop(0)
         if name not in EXAMPLES:
