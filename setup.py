@@ -20,6 +20,7 @@ import importlib.util
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 from setuptools import setup
@@ -59,7 +60,11 @@ def _extensions() -> tuple[list, dict, dict | None]:
              "(backend 'auto' then uses 'foreach')")
         return [], {}, {"extension": None, "reason": reason}
     try:
-        import torch
+        with warnings.catch_warnings():
+            # torch warns "Failed to initialize NumPy" at import without numpy, and pip shows a
+            # build's warnings: the build never needs numpy (fused_ema/__init__.py does the same).
+            warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+            import torch
     except ImportError as error:
         if not set(sys.argv[1:]) & BUILD_COMMANDS:
             return [], {}, None
@@ -98,7 +103,7 @@ def _extensions() -> tuple[list, dict, dict | None]:
     if record["cuda_kernels"]:
         cpp_extension.CUDA_HOME = record["cuda_toolkit"]  # in case it was imported before the line above
     cxx_flags, link_flags = build_config.compile_flags()
-    common = dict(sources=_relative(sources), depends=_relative(build_config.headers(CSRC)), extra_link_args=link_flags)
+    common = {"sources": _relative(sources), "depends": _relative(build_config.headers(CSRC)), "extra_link_args": link_flags}
     if record["cuda_kernels"]:
         extension = cpp_extension.CUDAExtension(
             "fused_ema._C", extra_compile_args={"cxx": cxx_flags, "nvcc": build_config.cuda_compile_flags()}, **common

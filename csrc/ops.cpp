@@ -6,6 +6,7 @@
 
 #include "chunk_table_torch.h"
 #include "cpu/table.h"
+#include "pack.h"
 #include "tensor_watch.h"
 
 TORCH_LIBRARY(fused_ema, m) {
@@ -26,4 +27,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   fused_ema::bind_tensor_watch(module);
   fused_ema::bind_chunk_table(module);
   fused_ema::cpu::bind_cpu_table(module);
+  fused_ema::bind_pack(module);
 }

@@ -120,6 +120,7 @@ def _source_tree(tmp_path: Path, ops_source: str) -> Path:
     (tree / "csrc" / "ops.cpp").write_text(ops_source)
     (tree / "csrc" / "tensor_watch.cpp").write_text("")
     (tree / "csrc" / "chunk_table.cpp").write_text("")
+    (tree / "csrc" / "pack.cpp").write_text("")
     return tree
 
 
@@ -127,7 +128,7 @@ def _setup(tree: Path, *arguments: str, **environment: str) -> subprocess.Comple
     env = {key: value for key, value in os.environ.items() if key != build_config.NO_EXTENSION_VARIABLE}
     env.update(environment)
     return subprocess.run([sys.executable, "setup.py", *arguments], cwd=tree, capture_output=True, text=True,
-                          env=env, timeout=600)
+                          env=env, timeout=600, check=False)
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="needs a C++ compiler")
@@ -166,7 +167,8 @@ def test_without_torch_the_build_stops_and_says_what_to_do(tmp_path):
     tree = _source_tree(tmp_path, "")
     code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['setup.py', 'build_ext']; "
             "runpy.run_path('setup.py', run_name='__main__')")
-    completed = subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True, text=True, timeout=300)
+    completed = subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True, text=True, timeout=300,
+                               check=False)
     assert completed.returncode != 0
     assert "torch is not importable" in completed.stderr
     assert "--no-build-isolation" in completed.stderr and build_config.NO_EXTENSION_VARIABLE in completed.stderr
@@ -203,7 +205,7 @@ def _run(site: Path, code: str, **environment: str) -> subprocess.CompletedProce
     env["PYTHONPATH"] = str(site)
     env.update(environment)
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=site, capture_output=True, text=True,
-                          env=env, timeout=300)
+                          env=env, timeout=300, check=False)
 
 
 PROBE = """
