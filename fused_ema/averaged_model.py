@@ -174,7 +174,14 @@ class AveragedModel(swa_utils.AveragedModel):
         self._mirror_n_averaged(count + 1)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
-        """As ``nn.Module.load_state_dict``, but all or nothing: a load that raises changes nothing."""
+        """As ``nn.Module.load_state_dict``, but all or nothing: a load that raises changes nothing.
+
+        Also reads fused_ema ``EMA`` and timm ModelEmaV2/V3 checkpoints, and torch's of compiled and
+        DataParallel models (``module.`` / ``_orig_mod.`` names); other formats: :func:`fused_ema.load_average`.
+        """
+        from fused_ema import checkpoints
+
+        state_dict = checkpoints.to_own_format(self, state_dict, strict)
         check_loadable(self, state_dict, strict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from fused_ema import backends, distributed, selection
 from fused_ema import rules as rules_module
@@ -223,6 +224,27 @@ class EMA(nn.Module):
         self.step += 1
         self.num_updates += 1
 
+    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+        """Update the average once after every ``optimizer.step()``; returns a handle to ``remove()`` it.
+
+        Registers an optimizer step post-hook, so under gradient accumulation the average follows
+        optimizer steps, not micro-batches, and a training loop written by a framework needs no
+        change. State dicts (the optimizer's and this EMA's) are not affected.
+
+        Example::
+
+            handle = ema.attach(optimizer)
+            train(model, optimizer)   # each optimizer.step() also calls ema.update()
+            handle.remove()
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"attach() needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+
+        def update_after_step(_optimizer, _args, _kwargs) -> None:
+            self.update()
+
+        return optimizer.register_step_post_hook(update_after_step)
+
     def _pairs(self, model: nn.Module | None, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         return self._binding.pairs(self._live(model), index)
 
@@ -301,9 +323,15 @@ class EMA(nn.Module):
         """Load averages and counters saved by :meth:`state_dict`; all or nothing.
 
         Missing or unexpected keys (with ``strict``), a wrong shape or another number of averages
-        raise before anything is written, so the EMA is left exactly as it was.
+        raise before anything is written, so the EMA is left exactly as it was. Also reads torch
+        ``AveragedModel`` (ours or torch's) and timm ModelEmaV2/V3 checkpoints, of compiled and
+        DataParallel models too (``module.`` / ``_orig_mod.`` names); other libraries' formats and
+        their schedules: :func:`fused_ema.load_average`.
         """
+        from fused_ema import checkpoints
+
         self._check_not_swapped("load_state_dict")
+        state_dict = checkpoints.to_own_format(self, state_dict, strict)
         check_loadable(self, state_dict, strict)
         if "_extra_state" in state_dict:
             self._parse_extra_state(state_dict["_extra_state"])

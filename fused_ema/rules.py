@@ -290,3 +290,52 @@ def from_state_dict(state: dict[str, Any]) -> Rule:
     if name not in RULES:
         raise ValueError(f"unknown rule {name!r}; built-in rules are {', '.join(RULES)}")
     return RULES[name](**state)
+
+
+class FractionWarmupEMA(Rule):
+    """torch_ema's schedule: ``decay_t = min(decay, (1 + k) / (10 + k))``, ``k = step + 1`` the number of
+    updates including the current one (torch_ema's ``num_updates``), kept at or above ``min_decay``.
+
+    Also diffusers' ``EMAModel`` without ``use_ema_warmup`` (there ``k`` starts after
+    ``update_after_step + 1`` copying steps). Starts near 2/11 and reaches ``decay`` after about
+    ``10 / (1 - decay)`` updates.
+
+    Example::
+
+        ema = fused_ema.EMA(model, rule=fused_ema.rules.FractionWarmupEMA(0.999))
+        ema.update()   # decay min(0.999, 2/11) for the first update, 3/12 for the second, ...
+    """
+
+    def __init__(self, decay: float = 0.9999, *, min_decay: float = 0.0) -> None:
+        self.decay = check_unit("decay", decay)
+        self.min_decay = check_unit("min_decay", min_decay)
+        if self.min_decay > self.decay:
+            raise ValueError(f"min_decay ({min_decay}) must not exceed decay ({decay})")
+
+    def weight(self, step: int) -> float:
+        updates = step + 1
+        return 1.0 - max(min(self.decay, (1.0 + updates) / (10.0 + updates)), self.min_decay)
+
+
+class HalfLifeEMA(Rule):
+    """Constant decay given as a half-life in updates: ``decay = 0.5 ** (1 / half_life)`` (Composer's EMA).
+
+    After ``half_life`` updates a model's weight in the average has halved.
+
+    Example::
+
+        ema = fused_ema.EMA(model, rule=fused_ema.rules.HalfLifeEMA(1000))   # decay 0.999307
+    """
+
+    def __init__(self, half_life: float) -> None:
+        self.half_life = _check_positive("half_life", half_life)  # in updates; also rejects nan
+
+    @property
+    def decay(self) -> float:
+        return 0.5 ** (1.0 / self.half_life)
+
+    def weight(self, step: int) -> float:
+        return 1.0 - self.decay
+
+
+RULES.update({rule.__name__: rule for rule in (FractionWarmupEMA, HalfLifeEMA)})

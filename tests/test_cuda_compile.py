@@ -30,6 +30,8 @@ from torch.utils.cpp_extension import include_paths
 from fused_ema.backends import chunk_table
 from fused_ema.rounding import memory_order_index, rounding_key, stochastic_round_to_bfloat16
 
+from helpers import DTYPES
+
 ROOT = Path(__file__).resolve().parent.parent
 CUDA_SOURCES = ROOT / "csrc" / "cuda"
 NVCC = shutil.which("nvcc") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
@@ -205,7 +207,6 @@ def _tensors(average_dtype, model_dtype, sets, seed):
     return average_sets, models
 
 
-DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 @pytest.mark.parametrize("model_dtype", DTYPES, ids=str)

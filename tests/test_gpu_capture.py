@@ -16,7 +16,7 @@ from torch import nn
 
 import fused_ema
 import triton_interpreted
-from conftest import cpu_backends, tolerance
+from helpers import cpu_backends, tolerance
 from fused_ema import backends, rules
 from fused_ema.backends import capture
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import fused_ema
-from conftest import tolerance
+from helpers import tolerance
 from fused_ema import backends
 from fused_ema.backends import foreach, offload
 from fused_ema.plan import Group, Plan

@@ -115,6 +115,7 @@ def _source_tree(tmp_path: Path, ops_source: str) -> Path:
     shutil.copy(ROOT / "pyproject.toml", tree)
     shutil.copy(ROOT / "README.md", tree)
     shutil.copy(ROOT / "fused_ema" / "build_config.py", tree / "fused_ema")
+    shutil.copy(ROOT / "fused_ema" / "_version.py", tree / "fused_ema")  # pyproject's dynamic version
     (tree / "fused_ema" / "__init__.py").write_text("")
     (tree / "csrc" / "cpu").mkdir(parents=True)
     (tree / "csrc" / "ops.cpp").write_text(ops_source)

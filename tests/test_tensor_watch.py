@@ -15,9 +15,10 @@ from fused_ema import ops
 from fused_ema.backends import chunk_table
 from fused_ema.plan import Plan
 
+from helpers import DTYPES
+
 pytestmark = pytest.mark.skipif(ops._C is None, reason=f"the C++ extension is not available: {ops.UNAVAILABLE_REASON}")
 
-DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 SHAPES = ((), (0,), (7,), (3, 5), (2, 3, 4, 5, 6, 2))  # the last has more dims than TensorImpl keeps inline
 
 

@@ -15,16 +15,15 @@ import torch
 
 pytest.importorskip("triton")
 
-import triton_interpreted  # noqa: E402
-from conftest import assert_within_ulps  # noqa: E402
-
 import fused_ema  # noqa: E402
 from fused_ema import backends  # noqa: E402
 from fused_ema.backends import chunk_table  # noqa: E402
 from fused_ema.plan import Plan  # noqa: E402
 from fused_ema.rounding import rounding_key  # noqa: E402
 
-DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+import triton_interpreted  # noqa: E402
+from helpers import DTYPES, assert_within_ulps
+
 GPU_CHUNK_ELEMENTS = chunk_table.CHUNK_ELEMENTS  # before the fixture below shrinks it
 
 interpreted = triton_interpreted.module()
