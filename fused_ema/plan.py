@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from fused_ema import backends
+from fused_ema.backends import capture, offload
 from fused_ema.backends.base import KERNEL_DTYPES, FusedBackend, Group, StalePlanError
 from fused_ema.rules import check_unit
 
@@ -163,6 +164,7 @@ class Plan:
             traced_lerp_(self.average_sets, self.models, weights, self.backend, rounding_keys)
             self.copy_()
             return
+        capture.check_not_capturing()
         try:
             self._run(weights, rounding_keys)
         except StalePlanError:
@@ -213,7 +215,7 @@ class Plan:
             return True
         devices = {flag.device for flag in flags}
         if len(devices) > 1:
-            flags = [flag.to(self.groups[0].model_device, non_blocking=True) for flag in flags]
+            flags = [offload.to_device(flag, self.groups[0].model_device) for flag in flags]
         finite = torch.stack(flags).all()
         return bool(finite) if finite.device.type == "cpu" else finite
 

@@ -77,6 +77,20 @@ class Rule:
             raise ValueError(f"{type(self).__name__}.weight({step}) returned {weight}, outside [0, 1]")
         return weight
 
+    def weight_tensor(self, step: torch.Tensor) -> torch.Tensor:
+        """:meth:`weight` computed on ``step``'s device: a float64 tensor from an integer tensor.
+
+        Used by capturable updates (``EMA(..., capturable=True)``), whose update count lives on the
+        device so that a CUDA graph replays with the right weight. Built-in rules implement it with
+        the same formula as :meth:`weight`, in torch ops (no host read). Example::
+
+            rules.SWA().weight_tensor(torch.tensor(3))  # tensor(0.2500, dtype=torch.float64)
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} has no device formula, which capturable=True needs: use a built-in "
+            "rule, or define weight_tensor(step) with torch ops"
+        )
+
     def get_decay(self, step: int) -> float:
         """``1 - weight``: the decay of that update, as timm's and diffusers' ``get_decay`` name it."""
         return 1.0 - self(step)
@@ -121,6 +135,9 @@ class EMA(Rule):
     def weight(self, step: int) -> float:
         return 1.0 - self.decay
 
+    def weight_tensor(self, step: torch.Tensor) -> torch.Tensor:
+        return torch.full(step.shape, 1.0 - self.decay, dtype=torch.float64, device=step.device)
+
 
 class WarmupEMA(Rule):
     """EMA whose decay warms up: ``decay_t = 1 - (1 + t / inv_gamma) ** -power``, clamped to
@@ -144,6 +161,11 @@ class WarmupEMA(Rule):
         decay = 1.0 - (1.0 + step / self.inv_gamma) ** -self.power
         return 1.0 - min(max(decay, self.min_decay), self.decay)
 
+    def weight_tensor(self, step: torch.Tensor) -> torch.Tensor:
+        steps = step.to(torch.float64)
+        decay = 1.0 - (1.0 + steps / self.inv_gamma) ** -self.power
+        return torch.where(step == 0, 1.0, 1.0 - decay.clamp(self.min_decay, self.decay))
+
 
 class RampEMA(Rule):
     """Exponential ramp: ``decay_t = decay * (1 - exp(-(t + 1) / tau))`` (YOLOv5/v8 ModelEMA, whose
@@ -155,6 +177,9 @@ class RampEMA(Rule):
 
     def weight(self, step: int) -> float:
         return 1.0 - self.decay * (1.0 - math.exp(-(step + 1) / self.tau))
+
+    def weight_tensor(self, step: torch.Tensor) -> torch.Tensor:
+        return 1.0 - self.decay * (1.0 - torch.exp(-(step.to(torch.float64) + 1.0) / self.tau))
 
 
 class BiasCorrectedEMA(Rule):
@@ -170,12 +195,21 @@ class BiasCorrectedEMA(Rule):
             return 1.0 / (step + 1)  # the limit as decay -> 1: equal averaging
         return (1.0 - self.decay) / (1.0 - self.decay ** (step + 1))
 
+    def weight_tensor(self, step: torch.Tensor) -> torch.Tensor:
+        steps = step.to(torch.float64)
+        if self.decay == 1.0:
+            return 1.0 / (steps + 1.0)
+        return (1.0 - self.decay) / (1.0 - torch.pow(self.decay, steps + 1.0))
+
 
 class SWA(Rule):
     """Equal averaging of every model seen: ``w = 1 / (step + 1)`` (torch's default AveragedModel)."""
 
     def weight(self, step: int) -> float:
         return 1.0 / (step + 1)
+
+    def weight_tensor(self, step: torch.Tensor) -> torch.Tensor:
+        return 1.0 / (step.to(torch.float64) + 1.0)
 
 
 class TADEMA(Rule):
@@ -190,6 +224,9 @@ class TADEMA(Rule):
 
     def weight(self, step: int) -> float:
         return 1.0 - self.alpha * math.tanh(step)
+
+    def weight_tensor(self, step: torch.Tensor) -> torch.Tensor:
+        return 1.0 - self.alpha * torch.tanh(step.to(torch.float64))
 
 
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
@@ -233,6 +270,9 @@ class PowerEMA(Rule):
 
     def weight(self, step: int) -> float:
         return 1.0 - (1.0 - 1.0 / (step + 1)) ** (self.gamma + 1.0)
+
+    def weight_tensor(self, step: torch.Tensor) -> torch.Tensor:
+        return 1.0 - (1.0 - 1.0 / (step.to(torch.float64) + 1.0)) ** (self.gamma + 1.0)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

@@ -120,6 +120,7 @@ def _source_tree(tmp_path: Path, ops_source: str) -> Path:
     (tree / "csrc" / "cpu").mkdir(parents=True)
     (tree / "csrc" / "ops.cpp").write_text(ops_source)
     (tree / "csrc" / "tensor_watch.cpp").write_text("")
+    (tree / "csrc" / "chunk_table.cpp").write_text("")
     (tree / "csrc" / "pack.cpp").write_text("")
     return tree
 
