@@ -12,15 +12,15 @@ from collections.abc import Callable
 
 import pytest
 
-from fused_ema import benchmark as zoo_module
-from fused_ema.benchmark import Contender, Report, Result, Workload
+from fused_ema import bench
+from fused_ema.bench import Contender, Report, Result, Workload
 
 RESULTS = pytest.StashKey[list[Result]]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.getgroup("fused_ema").addoption(
-        "--zoo-size", choices=zoo_module.SIZES, default="default",
+        "--zoo-size", choices=bench.SIZES, default="default",
         help="model sizes of fused_ema's benchmark zoo: default (as in the README) or quick (seconds)",
     )
 
@@ -39,7 +39,7 @@ def zoo(request: pytest.FixtureRequest) -> Callable[..., Workload]:
         if (name, device) not in built:
             built.clear()
             gc.collect()
-            built[name, device] = zoo_module.build_workload(name, size, device)
+            built[name, device] = bench.build_workload(name, size, device)
         return built[name, device]
 
     return get
@@ -73,17 +73,17 @@ def _report(config: pytest.Config) -> Report | None:
     if not results:
         return None
     for name in dict.fromkeys(result.workload for result in results):
-        zoo_module._derive([result for result in results if result.workload == name])
-    described = {name: zoo_module.ZOO[name].summary for name in dict.fromkeys(r.workload for r in results)}
+        bench.derive([result for result in results if result.workload == name])
+    described = {name: bench.ZOO[name].summary for name in dict.fromkeys(r.workload for r in results)}
     settings = {"size": config.getoption("--zoo-size"), "timer": "pytest-benchmark (not interleaved)"}
-    return Report(results, [], described, zoo_module.environment(), settings)
+    return Report(results, [], described, bench.environment(), settings)
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     report = _report(config)
     if report is not None:
         terminalreporter.section("fused_ema: ratios to the limit and to torch AveragedModel")
-        terminalreporter.write_line(zoo_module.format_table(report))
+        terminalreporter.write_line(bench.format_table(report))
 
 
 def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json: dict) -> None:

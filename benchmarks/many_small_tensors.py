@@ -22,31 +22,18 @@ run it twice.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
-from torch.optim import swa_utils
 from torch import nn
+from torch.optim import swa_utils
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))  # the source tree
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the source tree, ahead of any installed copy
 import fused_ema  # noqa: E402
+from fused_ema.bench.timer import compare  # noqa: E402
 from fused_ema.plan import Plan  # noqa: E402
-
-
-def _timer(update: Callable[[], None], calls: int) -> Callable[[], float]:
-    def measure() -> float:
-        # One untimed call first: the contender before this one evicted this one's tensors from the
-        # caches, and every contender (the flat limit too) is then timed from warm caches alike.
-        update()
-        start = time.perf_counter()
-        for _ in range(calls):
-            update()
-        return (time.perf_counter() - start) / calls
-
-    return measure
 
 
 def main() -> None:
@@ -92,25 +79,19 @@ def main() -> None:
         contenders["run"] = lambda: table.lerp_([weight])
 
     wanted = {"flat", *args.contenders.split(",")}
-    timers = {name: _timer(update, args.calls) for name, update in contenders.items() if name in wanted}
-    samples: dict[str, list[float]] = {name: [] for name in timers}
-    with torch.no_grad():
-        for measure in timers.values():
-            measure()  # warm up
-        for _ in range(args.rounds):
-            for name, measure in timers.items():
-                samples[name].append(measure())
-
-    medians = {name: statistics.median(values) for name, values in samples.items()}
+    # One untimed call before each sample: the contender before this one evicted this one's tensors
+    # from the caches, and every contender (the flat limit too) is then timed from warm caches alike.
+    times = compare(
+        {name: update for name, update in contenders.items() if name in wanted},
+        baseline="flat", rounds=args.rounds, calls=args.calls, warm_each_sample=True,
+    )
     print(f"{args.count} tensors x {args.length} float32, backend {args.backend!r}, "
           f"{torch.get_num_threads()} threads, {args.rounds} rounds x {args.calls} calls, medians:")
-    for name, median in medians.items():
-        line = f"  {name:8s} {median * 1e6:9.1f} us   {median / medians['flat']:6.2f}x flat"
-        if "foreach" in medians:
-            line += f"   {medians['foreach'] / median:6.2f}x faster than foreach"
-        if "torch" in medians:
-            line += f"   {medians['torch'] / median:6.2f}x faster than torch AveragedModel"
-        print(line)
+    print(times.format())
+    for other, label in (("foreach", "torch._foreach_lerp_"), ("torch", "torch AveragedModel")):
+        if other in times.timings:
+            speedups = ", ".join(f"{name} {times.speedup(name, over=other):.2f}x" for name in times.timings)
+            print(f"faster than {label}: {speedups}")
 
 
 if __name__ == "__main__":

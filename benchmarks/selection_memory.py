@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import argparse
 import resource
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
 
-import fused_ema
-from fused_ema.progress import progress
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the source tree, ahead of any installed copy
+import fused_ema  # noqa: E402
+from fused_ema.bench.timer import compare  # noqa: E402
 
 
 class LoRAModel(nn.Module):
@@ -76,19 +77,12 @@ def main() -> None:
 
     numel = sum(p.numel() for p in trainable)
     flat_average, flat_model = torch.zeros(numel), torch.randn(numel)
-    contenders = {
-        "ema.update() (trainable_only)": ema.update,
-        f"flat lerp_ of {numel / 1e6:.2f}M": lambda: flat_average.lerp_(flat_model, 0.001),
-    }
-    for update in contenders.values():
-        update()  # warm up: the plan and its tables are built on the first call
-    samples: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in progress(range(args.rounds), "timing"):
-        for name, update in contenders.items():
-            start = time.perf_counter()
-            update()
-            samples[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(values) for name, values in samples.items()}
+    update, flat = "ema.update() (trainable_only)", f"flat lerp_ of {numel / 1e6:.2f}M"
+    # The warm-up round builds the plan and its tables.
+    times = compare(
+        {update: ema.update, flat: lambda: flat_average.lerp_(flat_model, 0.001)},
+        baseline=flat, rounds=args.rounds, label="timing",
+    )
 
     print(f"model: {frozen / 1e6:.1f}M frozen + {numel / 1e6:.2f}M trainable float32 parameters; "
           f"backend {ema._binding.plan(model).backend_names}; {torch.get_num_threads()} threads; "
@@ -97,21 +91,15 @@ def main() -> None:
           f"{trainable_bytes / 1e6:.3f} MB (target < 1.1x); a full-model EMA would hold "
           f"{sum(p.nbytes for p in model.parameters()) / 1e6:.1f} MB")
     print(f"peak resident memory grew by {peak_growth:.1f} MB while the EMA was built (no deep copy of the base)")
-    names = list(medians)
-    for name, median in medians.items():
-        print(f"  {name:32s} {median * 1e3:8.3f} ms (median of {args.rounds}, interleaved)")
-    print(f"update / flat lerp_ = {medians[names[0]] / medians[names[1]]:.2f}x (target < 1.2x)")
+    print(f"medians of {args.rounds} interleaved rounds:")
+    print(times.format())
+    print(f"update / flat lerp_ = {times.ratio(update):.2f}x (target < 1.2x)")
 
     if args.full:
         full = fused_ema.EMA(model, decay=0.999, backend=args.backend)
-        full.update()
-        times = []
-        for _ in progress(range(max(3, args.rounds // 30)), "full-model EMA"):
-            start = time.perf_counter()
-            full.update()
-            times.append(time.perf_counter() - start)
+        full_times = compare({"full": full.update}, rounds=max(3, args.rounds // 30), label="full-model EMA")
         print(f"full-model EMA: holds {average_bytes(full.module, model) / 1e6:.1f} MB, "
-              f"update {statistics.median(times) * 1e3:.2f} ms")
+              f"update {full_times.median('full') * 1e3:.2f} ms")
 
 
 if __name__ == "__main__":

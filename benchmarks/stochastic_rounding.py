@@ -10,13 +10,17 @@ fused update (the kernel needs no temporaries). Contenders interleaved, medians.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
 
-import fused_ema
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the source tree, ahead of any installed copy
+import fused_ema  # noqa: E402
+from fused_ema.bench.timer import compare  # noqa: E402
+
+PLAIN, FUSED = "plain bfloat16 lerp_ (one flat tensor)", "fused_ema.EMA.update (stochastic)"
 
 
 def main() -> None:
@@ -31,28 +35,16 @@ def main() -> None:
     assert ema.stochastic_rounding
     flat_model = torch.cat([p.detach().flatten() for p in model.parameters()])
     flat_average = flat_model.clone()
-    contenders = {
-        "plain bfloat16 lerp_ (one flat tensor)": lambda: flat_average.lerp_(flat_model, 1e-3),
-        "fused_ema.EMA.update (stochastic)": ema.update,
-    }
-    samples: dict[str, list[float]] = {name: [] for name in contenders}
-    for update in contenders.values():
-        update()
-    for _ in range(args.rounds):
-        for name, update in contenders.items():
-            start = time.perf_counter()
-            update()
-            samples[name].append(time.perf_counter() - start)
+    times = compare(
+        {PLAIN: lambda: flat_average.lerp_(flat_model, 1e-3), FUSED: ema.update}, baseline=PLAIN, rounds=args.rounds
+    )
     with torch.profiler.profile(profile_memory=True) as profile:
         ema.update()
     allocated = sum(max(event.cpu_memory_usage, 0) for event in profile.events())
-    medians = {name: statistics.median(values) for name, values in samples.items()}
     size = flat_model.numel()
     print(f"{size / 1e6:.1f}M bfloat16 elements, {torch.get_num_threads()} threads, {args.rounds} rounds, medians:")
-    for name, median in medians.items():
-        print(f"  {name:40s} {median * 1e3:8.2f} ms")
-    plain, fused = medians.values()
-    print(f"stochastic rounding costs {fused / plain:.2f}x the plain lerp_; "
+    print(times.format())
+    print(f"stochastic rounding costs {times.ratio(FUSED):.2f}x the plain lerp_; "
           f"memory allocated during one update: {allocated} bytes ({100 * allocated / (2 * size):.4f}% of the model)")
 
 

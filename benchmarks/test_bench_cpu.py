@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fused_ema.benchmark import ZOO, Skip, contenders
+from fused_ema.bench import ZOO, Skip, contenders
 
 CONTENDERS = {contender.name: contender for contender in contenders("cpu")}
 

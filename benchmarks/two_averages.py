@@ -9,13 +9,17 @@ Contenders are interleaved and medians reported (runs on a shared machine vary b
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
 
-import fused_ema
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the source tree, ahead of any installed copy
+import fused_ema  # noqa: E402
+from fused_ema.bench.timer import compare  # noqa: E402
+
+ONE_PASS, TWO_EMAS = "one pass, two averages", "two EMAs"
 
 
 def main() -> None:
@@ -35,23 +39,13 @@ def main() -> None:
         fast.update()
         slow.update()
 
-    contenders = {"one pass, two averages": both.update, "two EMAs": separately}
-    samples: dict[str, list[float]] = {name: [] for name in contenders}
-    for update in contenders.values():
-        update()  # warm up: plans and tables are built on the first call
-    for _ in range(args.rounds):
-        for name, update in contenders.items():
-            start = time.perf_counter()
-            update()
-            samples[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(values) for name, values in samples.items()}
+    # The warm-up round builds the plans and tables.
+    times = compare({ONE_PASS: both.update, TWO_EMAS: separately}, baseline=TWO_EMAS, rounds=args.rounds)
     parameters = sum(p.numel() for p in model.parameters())
     print(f"{parameters / 1e6:.1f}M float32 parameters, {torch.get_num_threads()} threads, "
           f"{args.rounds} interleaved rounds, medians:")
-    for name, median in medians.items():
-        print(f"  {name:24s} {median * 1e3:8.2f} ms")
-    ratio = medians["two EMAs"] / medians["one pass, two averages"]
-    print(f"one pass is {ratio:.2f}x faster than two separate updates")
+    print(times.format())
+    print(f"one pass is {times.speedup(ONE_PASS):.2f}x faster than two separate updates")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
+#include "chunk_table_torch.h"
 #include "cpu/table.h"
 #include "pack.h"
 #include "tensor_watch.h"
@@ -12,15 +13,19 @@ TORCH_LIBRARY(fused_ema, m) {
   // For each set k and pair i: averages[k * len(models) + i] <- lerp(that average, models[i], weights[k]),
   // computed in float32 (float64 when either side is), rounded once on store; bfloat16 averages
   // are rounded stochastically with rounding_keys[k] when given (fused_ema/rounding.py).
+  // cudagraph_unsafe: the CUDA kernel copies its table and weights from host memory, which a
+  // captured graph would freeze (torch.compile's cudagraphs then leave this node out of the graph).
   m.def("multi_lerp_(Tensor(a!)[] averages, Tensor[] models, float[] weights, int[] tensor_indices, "
-        "int[]? rounding_keys) -> ()");
+        "int[]? rounding_keys) -> ()",
+        {at::Tag::cudagraph_unsafe});
 }
 
 // Importing the module loads the library, which runs the registrations above; the module itself
-// only carries CpuTable, the persistent table of the CPU hot path, and TensorWatch, the staleness
-// check every fused backend's table shares.
+// only carries CpuTable, the persistent table of the CPU hot path, TensorWatch, the staleness
+// check every fused backend's table shares, and the chunk-table builder with its constants.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   fused_ema::bind_tensor_watch(module);
+  fused_ema::bind_chunk_table(module);
   fused_ema::cpu::bind_cpu_table(module);
   fused_ema::bind_pack(module);
 }

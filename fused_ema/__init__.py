@@ -21,6 +21,7 @@ with _warnings.catch_warnings():
     import torch  # noqa: F401
 
 from fused_ema import posthoc, rules
+from fused_ema._version import __version__
 from fused_ema.averaged_model import (
     SWALR,
     AveragedModel,
@@ -31,23 +32,25 @@ from fused_ema.averaged_model import (
     update_bn,
 )
 from fused_ema.backends import available_backends
+from fused_ema.checkpoints import export_average, load_average
 from fused_ema.ema import EMA
 from fused_ema.functional import lerp_, multi_lerp_
 from fused_ema.posthoc import PostHocEMA
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "EMA",
     "SWALR",
     "AveragedModel",
     "PostHocEMA",
     "available_backends",
+    "export_average",
     "get_ema_avg_fn",
     "get_ema_multi_avg_fn",
     "get_swa_avg_fn",
     "get_swa_multi_avg_fn",
     "lerp_",
+    "load_average",
     "multi_lerp_",
     "posthoc",
     "rules",

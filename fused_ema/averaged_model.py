@@ -11,6 +11,7 @@ from torch.optim import swa_utils
 from torch.optim.swa_utils import SWALR, update_bn  # noqa: F401  (re-exported)
 
 from fused_ema import backends, selection
+from fused_ema.backends import capture, offload
 from fused_ema.backends.reference import compute_dtype
 from fused_ema.modules import Binding, check_loadable, clone_module, unwrap
 from fused_ema.rules import EMA, SWA, Rule
@@ -77,7 +78,9 @@ class AveragedModel(swa_utils.AveragedModel):
     (``n_averaged``, ``module.<name>``), so checkpoints move between the two classes. The
     difference is the update: all tensors in one fused call per device and dtype, no host-device
     sync (``n_averaged`` is mirrored on the host), tensor lists built once, and integer buffers
-    copied rather than averaged. Rules from ``get_*_avg_fn`` of this module (or any
+    copied rather than averaged. ``capturable=True`` computes the weight on the device from
+    ``n_averaged`` (kept on the average's device), so an update can be captured in a CUDA graph.
+    Rules from ``get_*_avg_fn`` of this module (or any
     :class:`fused_ema.rules.Rule`) take the fused path; other functions run as in torch.
 
     Keyword-only extras: ``include=`` / ``exclude=`` / ``trainable_only=`` average part of the
@@ -105,6 +108,7 @@ class AveragedModel(swa_utils.AveragedModel):
         exclude: selection.Patterns = None,
         trainable_only: bool = False,
         averaged_module: nn.Module | None = None,
+        capturable: bool = False,
     ) -> None:
         nn.Module.__init__(self)
         if avg_fn is not None and multi_avg_fn is not None:
@@ -121,6 +125,15 @@ class AveragedModel(swa_utils.AveragedModel):
         self._rule = SWA() if avg_fn is None and multi_avg_fn is None else _rule_of(avg_fn or multi_avg_fn)
         self._binding = Binding([self.module], average_buffers=use_buffers, backend=backend, selected=selected)
         selection.attach(self, model, [self.module], selected)
+        self.capturable = bool(capturable)
+        if self.capturable:
+            if self._rule is None:
+                raise ValueError("capturable=True needs a rule (get_*_multi_avg_fn of fused_ema, or a "
+                                 "fused_ema.rules.Rule): a custom avg_fn runs on the host")
+            self._rule.weight_tensor(self.n_averaged)  # NotImplementedError now, not at the first update
+            # The count the weights are computed from must live where the graph runs: the average's device.
+            average_device = next((t.device for t in self.module.parameters()), self.n_averaged.device)
+            self.n_averaged = self.n_averaged.to(average_device)
         self._mirror_n_averaged(0)
 
     def _mirror_n_averaged(self, count: int) -> None:
@@ -147,6 +160,11 @@ class AveragedModel(swa_utils.AveragedModel):
         update after no such edit reads nothing back from the device.
         """
         plan = self._binding.plan(unwrap(model))
+        if self.capturable:  # weights from the device count: capturable in a CUDA graph
+            count = self.n_averaged
+            capture.lerp_(plan, torch.where(count == 0, 1.0, self._rule.weight_tensor(count)).reshape(1))
+            self.n_averaged.add_(1)
+            return
         count = self._count()
         if self._rule is not None:
             plan.lerp_([1.0 if count == 0 else self._rule(count)])
@@ -156,7 +174,14 @@ class AveragedModel(swa_utils.AveragedModel):
         self._mirror_n_averaged(count + 1)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
-        """As ``nn.Module.load_state_dict``, but all or nothing: a load that raises changes nothing."""
+        """As ``nn.Module.load_state_dict``, but all or nothing: a load that raises changes nothing.
+
+        Also reads fused_ema ``EMA`` and timm ModelEmaV2/V3 checkpoints, and torch's of compiled and
+        DataParallel models (``module.`` / ``_orig_mod.`` names); other formats: :func:`fused_ema.load_average`.
+        """
+        from fused_ema import checkpoints
+
+        state_dict = checkpoints.to_own_format(self, state_dict, strict)
         check_loadable(self, state_dict, strict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
@@ -171,12 +196,12 @@ class AveragedModel(swa_utils.AveragedModel):
             for average, model in pairs:
                 averages, models = groups.setdefault((average.device, average.dtype), ([], []))
                 averages.append(average)
-                models.append(model.to(average.device, non_blocking=True))
+                models.append(offload.to_device(model, average.device))
             for (device, _), (averages, models) in groups.items():
                 self.multi_avg_fn(averages, models, self.n_averaged.to(device))
         else:
             for average, model in pairs:
-                model = model.to(average.device, non_blocking=True)
+                model = offload.to_device(model, average.device)
                 average.copy_(self.avg_fn(average, model, self.n_averaged.to(average.device)))
         plan.copy_()
 

@@ -33,7 +33,8 @@ REBUILD_COMMAND = "pip install --no-build-isolation ."
 
 def cpu_sources(csrc: Path) -> list[Path]:
     """The C++ sources of the CPU extension, below the ``csrc`` directory."""
-    return [csrc / "ops.cpp", csrc / "tensor_watch.cpp", csrc / "pack.cpp", *sorted((csrc / "cpu").glob("*.cpp"))]
+    return [csrc / "ops.cpp", csrc / "tensor_watch.cpp", csrc / "chunk_table.cpp", csrc / "pack.cpp",
+            *sorted((csrc / "cpu").glob("*.cpp"))]
 
 
 def cuda_sources(csrc: Path) -> list[Path]:

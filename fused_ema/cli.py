@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from fused_ema import backends as registry
-from fused_ema import benchmark
+from fused_ema import bench as benchmark
 
 PROGRAM = "fused-ema"
 
@@ -174,7 +174,7 @@ def _check_device(device: str) -> str | None:
 
 
 def bench(args: argparse.Namespace) -> int:
-    """Run the zoo against every contender and print the table (see :mod:`fused_ema.benchmark`)."""
+    """Run the zoo against every contender and print the table (see :mod:`fused_ema.bench`)."""
     problem = _check_device(args.device)
     if problem:
         return _error(problem)

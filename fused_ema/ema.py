@@ -10,9 +10,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from fused_ema import backends, distributed, selection
 from fused_ema import rules as rules_module
+from fused_ema.backends import capture
 from fused_ema.modules import Binding, check_loadable, clone_module, pack_, unwrap
 from fused_ema.rounding import rounding_key
 
@@ -38,6 +40,11 @@ class EMA(nn.Module):
     bfloat16 averages are rounded stochastically by default (``stochastic_rounding=None``), with
     bits that depend only on ``seed`` and the step. ``skip_nonfinite=True`` skips an update whose
     model holds inf or nan (counted in ``skipped_updates``, with a warning).
+
+    ``capturable=True`` keeps the update count on the device and computes each rule's weight there
+    (:meth:`fused_ema.rules.Rule.weight_tensor`), so one ``update()`` can be captured in a CUDA
+    graph and replayed with the right weights (warm up with one update before capturing). Without
+    it, an update during capture raises RuntimeError.
 
     Example::
 
@@ -68,6 +75,7 @@ class EMA(nn.Module):
         exclude: selection.Patterns = None,
         trainable_only: bool = False,
         ema_model: nn.Module | Sequence[nn.Module] | None = None,
+        capturable: bool = False,
     ) -> None:
         super().__init__()
         if rule is None:
@@ -99,7 +107,7 @@ class EMA(nn.Module):
         self.module = clones[0]  # state_dict keys "module.<name>", as in timm's ModelEmaV3
         self.extra_averages = nn.ModuleList(clones[1:])
         if stochastic_rounding is None:
-            stochastic_rounding = any(p.dtype == torch.bfloat16 for p in self.module.parameters())
+            stochastic_rounding = not capturable and any(p.dtype == torch.bfloat16 for p in self.module.parameters())
         self.stochastic_rounding = bool(stochastic_rounding)
         self.step = 0  # update() calls so far (or the last step given + 1)
         self.num_updates = 0  # averaging updates so far: the rules' n
@@ -109,6 +117,24 @@ class EMA(nn.Module):
         self._mesh = distributed.mesh_of(self.module)  # FSDP2: ranks agree on skipping (skip_nonfinite)
         self._stored: list[torch.Tensor] | None = None
         self.__dict__["_swapped"] = None  # the model that holds the average inside swap(); not a child
+        self.capturable = bool(capturable)
+        if self.capturable:
+            self._init_capturable(update_after_step, update_every, skip_nonfinite)
+
+    def _init_capturable(self, update_after_step: int, update_every: int, skip_nonfinite: bool) -> None:
+        # Under graph replay no Python runs: whatever depends on the host step cannot be captured.
+        for name, value, default in (("update_after_step", update_after_step, 0), ("update_every", update_every, 1),
+                                     ("stochastic_rounding", self.stochastic_rounding, False),
+                                     ("skip_nonfinite", skip_nonfinite, False)):
+            if value != default:
+                raise ValueError(f"capturable=True needs {name}={default!r}, got {value!r}: it depends on the host "
+                                 "step, which a CUDA-graph replay does not advance")
+        device = next((t.device for t in self.module.parameters()), torch.device("cpu"))
+        counts = torch.zeros((), dtype=torch.int64, device=device)
+        for rule in self.rules:
+            rule.weight_tensor(counts)  # NotImplementedError now, not at the first update
+        # The rules' n on the device; not persistent (the checkpoint keeps num_updates as before).
+        self.register_buffer("_device_updates", counts, persistent=False)
 
     @property
     def averages(self) -> list[nn.Module]:
@@ -159,6 +185,9 @@ class EMA(nn.Module):
         a multiple of ``update_every`` are skipped.
         """
         self._check_not_swapped("update")
+        if self.capturable:
+            self._update_capturable(model, step)
+            return
         if step is None:
             step = self.step
         elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -182,6 +211,39 @@ class EMA(nn.Module):
         plan.lerp_(weights, keys)
         self.step = step + 1
         self.num_updates = 0 if step < self.update_after_step else self.num_updates + 1
+
+    def _update_capturable(self, model: nn.Module | None, step: int | None) -> None:
+        """The update with weights computed on the device from a device count: capturable in a CUDA graph."""
+        if step is not None:
+            raise ValueError("capturable=True counts updates on the device; call update() without step")
+        counts = self._device_updates
+        weights = torch.stack([rule.weight_tensor(counts) for rule in self.rules])
+        capture.lerp_(self._binding.plan(self._live(model)), weights)
+        counts.add_(1)
+        # Host mirrors, right in eager mode; get_extra_state reads the device count instead.
+        self.step += 1
+        self.num_updates += 1
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+        """Update the average once after every ``optimizer.step()``; returns a handle to ``remove()`` it.
+
+        Registers an optimizer step post-hook, so under gradient accumulation the average follows
+        optimizer steps, not micro-batches, and a training loop written by a framework needs no
+        change. State dicts (the optimizer's and this EMA's) are not affected.
+
+        Example::
+
+            handle = ema.attach(optimizer)
+            train(model, optimizer)   # each optimizer.step() also calls ema.update()
+            handle.remove()
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"attach() needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+
+        def update_after_step(_optimizer, _args, _kwargs) -> None:
+            self.update()
+
+        return optimizer.register_step_post_hook(update_after_step)
 
     def _pairs(self, model: nn.Module | None, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         return self._binding.pairs(self._live(model), index)
@@ -261,9 +323,15 @@ class EMA(nn.Module):
         """Load averages and counters saved by :meth:`state_dict`; all or nothing.
 
         Missing or unexpected keys (with ``strict``), a wrong shape or another number of averages
-        raise before anything is written, so the EMA is left exactly as it was.
+        raise before anything is written, so the EMA is left exactly as it was. Also reads torch
+        ``AveragedModel`` (ours or torch's) and timm ModelEmaV2/V3 checkpoints, of compiled and
+        DataParallel models too (``module.`` / ``_orig_mod.`` names); other libraries' formats and
+        their schedules: :func:`fused_ema.load_average`.
         """
+        from fused_ema import checkpoints
+
         self._check_not_swapped("load_state_dict")
+        state_dict = checkpoints.to_own_format(self, state_dict, strict)
         check_loadable(self, state_dict, strict)
         if "_extra_state" in state_dict:
             self._parse_extra_state(state_dict["_extra_state"])
@@ -281,6 +349,8 @@ class EMA(nn.Module):
             pack_(average, skip=shared)  # a copy's tensors arrive as separate allocations: one block again
 
     def get_extra_state(self) -> dict[str, Any]:
+        if self.capturable:  # replays advanced the device count only; a checkpoint may read it back
+            self.num_updates = self.step = int(self._device_updates)
         return {
             "step": self.step,
             "num_updates": self.num_updates,
@@ -309,6 +379,8 @@ class EMA(nn.Module):
             vars(rule).update(vars(loaded_rule))
         for name, value in counters.items():
             setattr(self, name, value)
+        if self.capturable:
+            self._device_updates.fill_(self.num_updates)
 
 
 def _one_per_rule(ema_model: nn.Module | Sequence[nn.Module], count: int) -> list[nn.Module]:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from fused_ema import backends
+from fused_ema.backends import capture, offload
 from fused_ema.rules import check_unit
 
 
@@ -192,6 +193,8 @@ class Plan:
         if len(weights) != len(self.average_sets):
             raise ValueError(f"got {len(weights)} weights for {len(self.average_sets)} average sets")
         weights = check_weights(weights)
+        if not torch.compiler.is_compiling():
+            capture.check_not_capturing()
         try:
             self._run(weights, rounding_keys)
         except StalePlanError:
@@ -242,6 +245,6 @@ class Plan:
             return True
         devices = {flag.device for flag in flags}
         if len(devices) > 1:
-            flags = [flag.to(self.groups[0].model_device, non_blocking=True) for flag in flags]
+            flags = [offload.to_device(flag, self.groups[0].model_device) for flag in flags]
         finite = torch.stack(flags).all()
         return bool(finite) if finite.device.type == "cpu" else finite

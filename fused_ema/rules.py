@@ -77,6 +77,20 @@ class Rule:
             raise ValueError(f"{type(self).__name__}.weight({step}) returned {weight}, outside [0, 1]")
         return weight
 
+    def weight_tensor(self, step: torch.Tensor) -> torch.Tensor:
+        """:meth:`weight` computed on ``step``'s device: a float64 tensor from an integer tensor.
+
+        Used by capturable updates (``EMA(..., capturable=True)``), whose update count lives on the
+        device so that a CUDA graph replays with the right weight. Built-in rules implement it with
+        the same formula as :meth:`weight`, in torch ops (no host read). Example::
+
+            rules.SWA().weight_tensor(torch.tensor(3))  # tensor(0.2500, dtype=torch.float64)
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} has no device formula, which capturable=True needs: use a built-in "
+            "rule, or define weight_tensor(step) with torch ops"
+        )
+
     def get_decay(self, step: int) -> float:
         """``1 - weight``: the decay of that update, as timm's and diffusers' ``get_decay`` name it."""
         return 1.0 - self(step)
@@ -121,6 +135,9 @@ class EMA(Rule):
     def weight(self, step: int) -> float:
         return 1.0 - self.decay
 
+    def weight_tensor(self, step: torch.Tensor) -> torch.Tensor:
+        return torch.full(step.shape, 1.0 - self.decay, dtype=torch.float64, device=step.device)
+
 
 class WarmupEMA(Rule):
     """EMA whose decay warms up: ``decay_t = 1 - (1 + t / inv_gamma) ** -power``, clamped to
@@ -144,6 +161,11 @@ class WarmupEMA(Rule):
         decay = 1.0 - (1.0 + step / self.inv_gamma) ** -self.power
         return 1.0 - min(max(decay, self.min_decay), self.decay)
 
+    def weight_tensor(self, step: torch.Tensor) -> torch.Tensor:
+        steps = step.to(torch.float64)
+        decay = 1.0 - (1.0 + steps / self.inv_gamma) ** -self.power
+        return torch.where(step == 0, 1.0, 1.0 - decay.clamp(self.min_decay, self.decay))
+
 
 class RampEMA(Rule):
     """Exponential ramp: ``decay_t = decay * (1 - exp(-(t + 1) / tau))`` (YOLOv5/v8 ModelEMA, whose
@@ -155,6 +177,9 @@ class RampEMA(Rule):
 
     def weight(self, step: int) -> float:
         return 1.0 - self.decay * (1.0 - math.exp(-(step + 1) / self.tau))
+
+    def weight_tensor(self, step: torch.Tensor) -> torch.Tensor:
+        return 1.0 - self.decay * (1.0 - torch.exp(-(step.to(torch.float64) + 1.0) / self.tau))
 
 
 class BiasCorrectedEMA(Rule):
@@ -170,12 +195,21 @@ class BiasCorrectedEMA(Rule):
             return 1.0 / (step + 1)  # the limit as decay -> 1: equal averaging
         return (1.0 - self.decay) / (1.0 - self.decay ** (step + 1))
 
+    def weight_tensor(self, step: torch.Tensor) -> torch.Tensor:
+        steps = step.to(torch.float64)
+        if self.decay == 1.0:
+            return 1.0 / (steps + 1.0)
+        return (1.0 - self.decay) / (1.0 - torch.pow(self.decay, steps + 1.0))
+
 
 class SWA(Rule):
     """Equal averaging of every model seen: ``w = 1 / (step + 1)`` (torch's default AveragedModel)."""
 
     def weight(self, step: int) -> float:
         return 1.0 / (step + 1)
+
+    def weight_tensor(self, step: torch.Tensor) -> torch.Tensor:
+        return 1.0 / (step.to(torch.float64) + 1.0)
 
 
 class TADEMA(Rule):
@@ -190,6 +224,9 @@ class TADEMA(Rule):
 
     def weight(self, step: int) -> float:
         return 1.0 - self.alpha * math.tanh(step)
+
+    def weight_tensor(self, step: torch.Tensor) -> torch.Tensor:
+        return 1.0 - self.alpha * torch.tanh(step.to(torch.float64))
 
 
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
@@ -234,6 +271,9 @@ class PowerEMA(Rule):
     def weight(self, step: int) -> float:
         return 1.0 - (1.0 - 1.0 / (step + 1)) ** (self.gamma + 1.0)
 
+    def weight_tensor(self, step: torch.Tensor) -> torch.Tensor:
+        return 1.0 - (1.0 - 1.0 / (step.to(torch.float64) + 1.0)) ** (self.gamma + 1.0)
+
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         del state["sigma_rel" if self.sigma_rel is None else "gamma"]
@@ -250,3 +290,52 @@ def from_state_dict(state: dict[str, Any]) -> Rule:
     if name not in RULES:
         raise ValueError(f"unknown rule {name!r}; built-in rules are {', '.join(RULES)}")
     return RULES[name](**state)
+
+
+class FractionWarmupEMA(Rule):
+    """torch_ema's schedule: ``decay_t = min(decay, (1 + k) / (10 + k))``, ``k = step + 1`` the number of
+    updates including the current one (torch_ema's ``num_updates``), kept at or above ``min_decay``.
+
+    Also diffusers' ``EMAModel`` without ``use_ema_warmup`` (there ``k`` starts after
+    ``update_after_step + 1`` copying steps). Starts near 2/11 and reaches ``decay`` after about
+    ``10 / (1 - decay)`` updates.
+
+    Example::
+
+        ema = fused_ema.EMA(model, rule=fused_ema.rules.FractionWarmupEMA(0.999))
+        ema.update()   # decay min(0.999, 2/11) for the first update, 3/12 for the second, ...
+    """
+
+    def __init__(self, decay: float = 0.9999, *, min_decay: float = 0.0) -> None:
+        self.decay = check_unit("decay", decay)
+        self.min_decay = check_unit("min_decay", min_decay)
+        if self.min_decay > self.decay:
+            raise ValueError(f"min_decay ({min_decay}) must not exceed decay ({decay})")
+
+    def weight(self, step: int) -> float:
+        updates = step + 1
+        return 1.0 - max(min(self.decay, (1.0 + updates) / (10.0 + updates)), self.min_decay)
+
+
+class HalfLifeEMA(Rule):
+    """Constant decay given as a half-life in updates: ``decay = 0.5 ** (1 / half_life)`` (Composer's EMA).
+
+    After ``half_life`` updates a model's weight in the average has halved.
+
+    Example::
+
+        ema = fused_ema.EMA(model, rule=fused_ema.rules.HalfLifeEMA(1000))   # decay 0.999307
+    """
+
+    def __init__(self, half_life: float) -> None:
+        self.half_life = _check_positive("half_life", half_life)  # in updates; also rejects nan
+
+    @property
+    def decay(self) -> float:
+        return 0.5 ** (1.0 / self.half_life)
+
+    def weight(self, step: int) -> float:
+        return 1.0 - self.decay
+
+
+RULES.update({rule.__name__: rule for rule in (FractionWarmupEMA, HalfLifeEMA)})

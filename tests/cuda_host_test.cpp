@@ -1,6 +1,6 @@
-// Host build of the CUDA kernel's element arithmetic and chunk table (csrc/cuda/*.h), driven by
+// Host build of the CUDA kernel's element arithmetic (csrc/cuda/*.h) and chunk table (csrc/chunk_table.h), driven by
 // tests/test_cuda_compile.py: it reads queries on stdin and prints answers, which the test compares
-// with fused_ema/rounding.py, torch's lerp and fused_ema/backends/chunk_table.py.
+// with fused_ema/rounding.py, torch's lerp and a closed form of the chunk rows.
 //
 //   R key tensor_index element_index float32_bits  ->  stochastic bfloat16 bits, nearest bfloat16 bits
 //   L average_bits model_bits weight               ->  float32 bits of lerp(average, model, float(weight))

@@ -1,6 +1,6 @@
 // The CUDA kernel's per-chunk code (csrc/cuda/multi_lerp_chunk.cuh) run on the host, block after
 // block and thread after thread, as a shared library that tests/test_cuda_compile.py loads with
-// ctypes and feeds CPU tensors and chunk tables built by fused_ema/backends/chunk_table.py.
+// ctypes and feeds CPU tensors and chunk tables built by the extension's one builder (csrc/chunk_table.cpp).
 // Host code only: nvcc compiles it, no GPU runs it.
 #include "multi_lerp_chunk.cuh"
 

@@ -9,7 +9,8 @@ import torch
 from torch.optim import swa_utils
 
 import fused_ema
-from conftest import cpu_backends
+
+from helpers import cpu_backends
 from models import ScalarReadCounter, small_cnn, train_steps
 
 # (fused_ema kwargs, torch kwargs): the same averaging, spelled for each class.

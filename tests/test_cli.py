@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fused_ema import backends, benchmark, cli
+from fused_ema import backends, bench, cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,13 +67,13 @@ def test_bench_quick_prints_a_table_with_a_row_per_result(quick_bench):
     status, output, raw = quick_bench
     assert status == 0
     rows = _table_rows(output)
-    assert rows[0] == list(benchmark.HEADER)
+    assert rows[0] == list(bench.HEADER)
     body = rows[2:]
     assert len(body) == len(raw["results"])
-    assert {row[0] for row in body} == set(benchmark.ZOO)
-    for name in benchmark.ZOO:
+    assert {row[0] for row in body} == set(bench.ZOO)
+    for name in bench.ZOO:
         labels = [row[1] for row in body if row[0] == name]
-        assert labels[0].startswith(benchmark.LIMIT)
+        assert labels[0].startswith(bench.LIMIT)
     for row in body:
         assert float(row[2]) > 0 and float(row[3]) > 0 and float(row[4]) > 0
         assert row[5] == "-" or float(row[5].rstrip("x")) > 0
@@ -83,7 +83,7 @@ def test_bench_quick_prints_a_table_with_a_row_per_result(quick_bench):
 def test_bench_json_holds_every_sample_and_the_machine(quick_bench):
     _, _, raw = quick_bench
     assert set(raw) == {"environment", "settings", "workloads", "results", "skipped"}
-    assert set(raw["workloads"]) == set(benchmark.ZOO)
+    assert set(raw["workloads"]) == set(bench.ZOO)
     assert raw["environment"]["torch"] == torch.__version__
     assert raw["settings"]["size"] == "quick"
     expected_keys = {

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import fused_ema
-from conftest import DTYPES
 from fused_ema import backends
 from fused_ema.plan import Plan
 from fused_ema.rounding import rounding_key
+
+from helpers import DTYPES
 
 _REASON = backends.get("cpu").unavailable_reason()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"backend 'cpu' unavailable: {_REASON}")

@@ -4,8 +4,9 @@
 - every ``csrc/cuda/*.cpp`` (the torch glue) compiles against this torch's headers, with the one
   generated header CPU wheels lack (``c10/cuda/impl/cuda_cmake_macros.h``) written to a scratch
   include directory, never shipped;
-- the element arithmetic and chunk table the kernel uses (``csrc/cuda/*.h``) are built for the host
-  and checked against ``fused_ema/rounding.py``, torch's lerp and ``chunk_table.py``;
+- the element arithmetic the kernel uses (``csrc/cuda/*.h``) and the chunk table's host functions
+  (``csrc/chunk_table.h``) are built for the host and checked against ``fused_ema/rounding.py``,
+  torch's lerp and a closed form;
 - the kernel's per-chunk code (``csrc/cuda/multi_lerp_chunk.cuh``) is run on the host, block by block
   and thread by thread, over CPU tensors and chunk tables, and compared bit for bit with "reference"
   for every dtype pair, both roundings, several sets, unaligned views and partial chunks.
@@ -28,6 +29,8 @@ from torch.utils.cpp_extension import include_paths
 
 from fused_ema.backends import chunk_table
 from fused_ema.rounding import memory_order_index, rounding_key, stochastic_round_to_bfloat16
+
+from helpers import DTYPES
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA_SOURCES = ROOT / "csrc" / "cuda"
@@ -74,7 +77,7 @@ def host_driver(tmp_path_factory) -> Path:
     if compiler is None:
         pytest.skip("no host C++ compiler")  # nvcc needs one too, so CI has it
     binary = tmp_path_factory.mktemp("host") / "cuda_host_test"
-    _run([compiler, "-std=c++17", "-O2", f"-I{CUDA_SOURCES}", str(ROOT / "tests" / "cuda_host_test.cpp"),
+    _run([compiler, "-std=c++17", "-O2", f"-I{CUDA_SOURCES}", f"-I{ROOT / 'csrc'}", str(ROOT / "tests" / "cuda_host_test.cpp"),
           "-o", str(binary)])
     return binary
 
@@ -139,16 +142,12 @@ def test_lerp_matches_torch_bitwise(host_driver):
 
 
 @pytest.mark.parametrize("chunk_elements", [4, 64, 2048])
-def test_chunk_table_matches_the_python_builder(host_driver, chunk_elements):
+def test_chunk_rows_cover_every_element_once(host_driver, chunk_elements):
     numels = [0, 1, 3, 4, 5, 63, 64, 65, 2048, 2049, 10000, 0]
     answer = _ask(host_driver, [f"C {chunk_elements} {len(numels)} " + " ".join(map(str, numels))])[0]
-    rows = torch.tensor(list(map(int, answer.split())), dtype=torch.int64).reshape(-1, 2)
-    assert torch.equal(rows, chunk_table.chunk_rows(numels, chunk_elements))
-    covered = [0] * len(numels)
-    for slot, start in rows.tolist():
-        assert start % chunk_elements == 0
-        covered[slot] += min(chunk_elements, numels[slot] - start)
-    assert covered == numels
+    rows = [tuple(pair) for pair in torch.tensor(list(map(int, answer.split()))).reshape(-1, 2).tolist()]
+    expected = [(slot, start) for slot, numel in enumerate(numels) for start in range(0, numel, chunk_elements)]
+    assert rows == expected
 
 
 # --- the kernel's chunk code, emulated on the host ---------------------------------------------
@@ -176,7 +175,7 @@ def _emulated_lerp_(emulator, average_sets, models, weights, keys, chunk_element
     for group in plan.groups:
         assert group.fusable
         table = chunk_table.ChunkTable(group, chunk_elements)
-        step_args = table.write_step_args(weights, keys)
+        step_args = table.step_args(weights, keys)
         status = emulator(
             table.model_base.data_ptr(), table.average_base.data_ptr(), table.tensors.data_ptr(),
             table.chunks.data_ptr(), step_args.data_ptr(), table.chunk_count, table.chunk_elements, table.sets,
@@ -208,7 +207,6 @@ def _tensors(average_dtype, model_dtype, sets, seed):
     return average_sets, models
 
 
-DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 @pytest.mark.parametrize("model_dtype", DTYPES, ids=str)
@@ -241,3 +239,19 @@ def test_emulated_kernel_small_chunks(emulator):
     for ours, theirs in zip(average_sets, expected):
         for a, e in zip(ours, theirs):
             assert torch.equal(a, e)
+
+
+def test_vector_accesses_are_128_bit_for_every_dtype_pair(tmp_path):
+    # README: "128-bit vector loads and stores for every dtype". Each of the 16 kernel instantiations
+    # must load and store its averages through 16-byte vectors, and no vector access may be narrower.
+    import re
+
+    ptx = tmp_path / "kernel.ptx"
+    _run([NVCC, "-std=c++20", "-O3", "-ptx", "-arch=sm_90", str(CUDA_SOURCES / "multi_lerp_kernel.cu"), "-o", str(ptx)])
+    entries = re.split(r"^\.entry ", ptx.read_text(), flags=re.M)[1:]
+    assert len(entries) == 16
+    bits = {"f32": 32, "u32": 32, "b32": 32, "f64": 64, "u64": 64, "b64": 64, "u16": 16, "b16": 16}
+    for entry in entries:
+        accesses = re.findall(r"(ld|st)\.global(?:\.nc)?\.v(\d)\.([a-z0-9]+)", entry)
+        assert {kind for kind, _, _ in accesses} == {"ld", "st"}, entry.split("(")[0]
+        assert all(int(lanes) * bits[element] == 128 for _, lanes, element in accesses), entry.split("(")[0]

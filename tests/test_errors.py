@@ -7,7 +7,8 @@ import torch
 
 import fused_ema
 from fused_ema import backends
-from conftest import cpu_backends
+
+from helpers import cpu_backends
 
 
 def _lists(count=6):

@@ -11,14 +11,14 @@ import itertools
 import pytest
 import torch
 
-from conftest import tolerance
 from fused_ema import backends
 from fused_ema.plan import Plan
 from fused_ema.rounding import rounding_key
 
+from helpers import DTYPES, tolerance
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 SHAPES = [(), (1,), (5,), (2048,), (2051,), (3, 700), (0, 4), (64, 3, 3, 3)]
 
 

@@ -14,11 +14,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_ema
-import triton_interpreted
-from conftest import cpu_backends
 from fused_ema import backends
 from fused_ema.plan import Plan
 from fused_ema.rounding import rounding_key
+
+import triton_interpreted
+from helpers import compared_backends
 
 READS_BACK = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default,
               torch.ops.aten.is_nonzero.default}
@@ -41,7 +42,7 @@ def _model_pairs(device, average_dtype=torch.float32, model_dtype=torch.float32,
     return average_sets, models
 
 
-CPU_CASES = [name for name in cpu_backends() if name != "reference"] + ["triton (interpreted)"]
+CPU_CASES = compared_backends() + ["triton (interpreted)"]
 
 
 @pytest.mark.parametrize("backend", CPU_CASES)

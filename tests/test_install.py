@@ -115,10 +115,12 @@ def _source_tree(tmp_path: Path, ops_source: str) -> Path:
     shutil.copy(ROOT / "pyproject.toml", tree)
     shutil.copy(ROOT / "README.md", tree)
     shutil.copy(ROOT / "fused_ema" / "build_config.py", tree / "fused_ema")
+    shutil.copy(ROOT / "fused_ema" / "_version.py", tree / "fused_ema")  # pyproject's dynamic version
     (tree / "fused_ema" / "__init__.py").write_text("")
     (tree / "csrc" / "cpu").mkdir(parents=True)
     (tree / "csrc" / "ops.cpp").write_text(ops_source)
     (tree / "csrc" / "tensor_watch.cpp").write_text("")
+    (tree / "csrc" / "chunk_table.cpp").write_text("")
     (tree / "csrc" / "pack.cpp").write_text("")
     return tree
 

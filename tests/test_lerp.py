@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fused_ema
-from conftest import DTYPES, REFERENCE_ULPS, assert_within_ulps, cpu_backends, tolerance
 from fused_ema.plan import Plan
+
+from helpers import DTYPES, REFERENCE, REFERENCE_ULPS, assert_within_ulps, cpu_backends, tolerance
 
 SHAPES = {
     "scalar": (),
@@ -53,16 +54,16 @@ def test_every_dtype_pair_matches_float64(backend, average_dtype, model_dtype, w
 @pytest.mark.parametrize("average_dtype,model_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                        (torch.float32, torch.bfloat16), (torch.float16, torch.float32)])
 @pytest.mark.parametrize("weight", (0.001, 0.3, 0.7))
-def test_backends_agree_with_reference(backend, average_dtype, model_dtype, weight):
+def test_backends_agree_with_reference(compared_backend, average_dtype, model_dtype, weight):
     pairs = [_pair(shape, average_dtype, model_dtype, seed) for seed, shape in enumerate(SHAPES.values())]
     ours = [a.clone() for a, _ in pairs]
     oracle = [a.clone() for a, _ in pairs]
     models = [m for _, m in pairs]
-    fused_ema.lerp_(ours, models, weight, backend=backend)
-    fused_ema.lerp_(oracle, models, weight, backend="reference")
+    fused_ema.lerp_(ours, models, weight, backend=compared_backend)
+    fused_ema.lerp_(oracle, models, weight, backend=REFERENCE)
     for mine, theirs in zip(ours, oracle):
         # Same formula, same fma, one rounding: what REFERENCE_ULPS says (0: bit-identical).
-        assert_within_ulps(mine, theirs, REFERENCE_ULPS[backend], f"{backend} against reference")
+        assert_within_ulps(mine, theirs, REFERENCE_ULPS[compared_backend], f"{compared_backend} against reference")
 
 
 @pytest.mark.parametrize("layout", ["transposed", "sliced", "channels_last", "expanded_model", "mixed_strides"])
@@ -144,11 +145,11 @@ class TestStochasticRounding:
         fused_ema.lerp_([average], [model], 1.0, backend=backend, stochastic_rounding=True, seed=seed, step=step)
         return average
 
-    def test_bit_identical_to_reference(self, backend):
+    def test_bit_identical_to_reference(self, compared_backend):
         pairs = [_pair(shape, torch.bfloat16, torch.float32, seed) for seed, shape in enumerate(SHAPES.values())]
         ours, oracle = [a.clone() for a, _ in pairs], [a.clone() for a, _ in pairs]
         models = [m for _, m in pairs]
-        for target, name in ((ours, backend), (oracle, "reference")):
+        for target, name in ((ours, compared_backend), (oracle, REFERENCE)):
             fused_ema.lerp_(target, models, 0.01, backend=name, stochastic_rounding=True, seed=7, step=3)
         for mine, theirs in zip(ours, oracle):
             assert torch.equal(mine.view(torch.int16), theirs.view(torch.int16))

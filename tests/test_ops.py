@@ -9,10 +9,11 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 import fused_ema
-from conftest import DTYPES
 from fused_ema import backends
 from fused_ema.backends.reference import lerp_pair_
 from fused_ema.rounding import rounding_key
+
+from helpers import DTYPES
 
 _REASON = backends.get("cpu").unavailable_reason()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"the C++ extension is unavailable: {_REASON}")

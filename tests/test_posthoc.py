@@ -121,8 +121,8 @@ def trained(request, tmp_path_factory) -> tuple[fused_ema.PostHocEMA, int]:
 
 
 # Measured (max abs difference from the direct power EMA, values of size ~1, for update_every 1
-# and 4 alike): step 2000: sigma_rel 0.03 -> 1.2e-3, 0.07 -> 7.6e-5, 0.15 -> 6.3e-5; step 1500:
-# 0.03 -> 2.3e-3, 0.07 -> 1.9e-4, 0.15 -> 2.8e-4. The difference is the least-squares misfit of the
+# and 4 alike): step 2000: sigma_rel 0.03 -> 1.2e-3, 0.07 -> 7.6e-5, 0.15 -> 6.5e-5; step 1500:
+# 0.03 -> 2.3e-3, 0.07 -> 1.9e-4, 0.15 -> 2.0e-4. The difference is the least-squares misfit of the
 # profile (fit error 2.6e-2, 2.5e-3, 5.8e-3 at step 2000), not round-off: snapshots taken at
 # discrete times span a power profile only approximately, and worse outside the tracked widths.
 # Tolerances are about 3x the measurements.
@@ -142,6 +142,20 @@ def test_synthesize_matches_the_direct_power_ema(trained, sigma_rel: float, step
     # The tolerance must be able to fail: the tracked widths' own averages are much farther off.
     for tracked in TRACKED:
         assert (direct_power_ema(tracked, step or STEPS, update_every) - direct).abs().max() > 5 * tolerance
+
+
+def test_a_constant_weight_comes_back_unchanged(tmp_path: Path) -> None:
+    """The coefficients sum to 1 (every profile has mass 1), also far from the tracked widths."""
+    model = Vector(2)
+    with torch.no_grad():
+        model.value.copy_(torch.tensor([3.0, -7.0], dtype=torch.float64))
+    posthoc = fused_ema.PostHocEMA(model, sigma_rels=TRACKED, snapshot_every=10, directory=tmp_path)
+    for _ in range(100):
+        posthoc.update()
+    for sigma_rel in (0.01, 0.07, 0.25):
+        state = posthoc.synthesize(sigma_rel, step=50)
+        assert sum(state.solution.coefficients) == pytest.approx(1.0, abs=1e-12)
+        torch.testing.assert_close(state["value"], model.value.detach(), rtol=1e-12, atol=0)
 
 
 def test_fit_error_flags_a_step_between_snapshots(trained) -> None:
@@ -164,6 +178,19 @@ def test_tracked_sigma_rel_at_a_snapshot_step_is_that_snapshot_exactly(trained, 
     if step == STEPS:
         index = TRACKED.index(sigma_rel)
         assert torch.equal(state["value"], posthoc.averages[index].value.detach())
+
+
+def test_dtype_keeps_the_averages_and_snapshots_in_another_dtype(tmp_path: Path) -> None:
+    model = nn.Linear(3, 2).to(torch.bfloat16)
+    posthoc = fused_ema.PostHocEMA(model, sigma_rels=TRACKED, snapshot_every=4, directory=tmp_path, dtype=torch.float32)
+    for _ in range(8):
+        posthoc.update()
+    assert all(p.dtype == torch.float32 for average in posthoc.averages for p in average.parameters())
+    state = posthoc.synthesize(0.07)
+    assert state["weight"].dtype == torch.float32
+    torch.testing.assert_close(state["weight"], model.weight.float())  # a constant model averages to itself
+    posthoc.synthesize_into(model, 0.07)  # load_state_dict casts back to the model's dtype
+    assert model.weight.dtype == torch.bfloat16
 
 
 def test_synthesize_into_loads_the_model(trained) -> None:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from test_distributed import TOLERANCES, fsdp_model, make_model, spawn, train_step
 
 import fused_ema
-from fused_ema import posthoc
+from fused_ema import distributed, posthoc
 
 STEPS = 12
 SNAPSHOT_EVERY = 3
@@ -34,7 +34,12 @@ def train(model, rank: int | None, directory: Path, backend: str = "auto") -> fu
 
 
 def scenario(rank: int, directory: Path) -> None:
-    train(fsdp_model(make_model()), rank, directory / "phema")
+    model = fsdp_model(make_model())
+    ema = train(model, rank, directory / "phema")
+    ema.synthesize_into(model, 0.07)  # every rank: its own shards of the synthesized average
+    state = distributed.full_state_dict(model)
+    if rank == 0:
+        torch.save(state, directory / "synthesized_into.pt")
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +72,12 @@ def test_sharded_snapshots_synthesize_like_a_single_process(runs, sigma_rel: flo
         # Training differs only by the order of gradient sums (as in test_distributed).
         torch.testing.assert_close(actual[key], value, **TOLERANCES[torch.float32])
     assert actual.fit_error == pytest.approx(expected.fit_error, rel=1e-12)
+
+
+def test_synthesize_into_a_sharded_model(runs) -> None:
+    sharded, single = runs
+    loaded = torch.load(sharded.parent / "synthesized_into.pt", weights_only=True)
+    expected = posthoc.synthesize(single, 0.07)
+    assert loaded.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(loaded[key], value, **TOLERANCES[torch.float32])

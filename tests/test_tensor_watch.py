@@ -2,8 +2,8 @@
 
 refresh() must report "moved" for a storage swap that keeps dtype and layout (the table follows it),
 "stale" for any change of dtype, shape, strides or device (the table must never run again), and
-"unchanged" otherwise. The GPU backends' ChunkTable uses it when the extension is built and falls
-back to a Python check otherwise; both are exercised here on CPU tensors standing in for device ones.
+"unchanged" otherwise. The GPU backends' ChunkTable follows it; exercised here on CPU tensors
+standing in for device ones.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from fused_ema import ops
 from fused_ema.backends import chunk_table
 from fused_ema.plan import Plan
 
+from helpers import DTYPES
+
 pytestmark = pytest.mark.skipif(ops._C is None, reason=f"the C++ extension is not available: {ops.UNAVAILABLE_REASON}")
 
-DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 SHAPES = ((), (0,), (7,), (3, 5), (2, 3, 4, 5, 6, 2))  # the last has more dims than TensorImpl keeps inline
 
 
@@ -120,14 +121,7 @@ def test_rejects_tensors_without_storage():
         _watch([torch.randn(3, 3).to_sparse()])
 
 
-# ChunkTable (the triton and cuda backends' table), with the watch and with its Python fallback.
-
-
-@pytest.fixture(params=["watch", "python"])
-def with_watch(request, monkeypatch):
-    if request.param == "python":
-        monkeypatch.setattr(chunk_table, "_tensor_watch", lambda group: None)
-    return request.param == "watch"
+# ChunkTable (the triton and cuda backends' table) follows its watch.
 
 
 def _group(models, sets=1):
@@ -135,24 +129,28 @@ def _group(models, sets=1):
     return Plan(averages, models, backend="reference").groups[0]
 
 
-def test_chunk_table_follows_storage_swap(with_watch):
+def _offsets(tensors, base):
+    return [(t.data_ptr() - base.data_ptr()) // t.element_size() for t in tensors]
+
+
+def test_chunk_table_follows_storage_swap():
     models = [torch.nn.Parameter(torch.randn(300)) for _ in range(4)]
     group = _group(models, sets=2)
     table = chunk_table.table(group)
-    assert (table.watch is not None) == with_watch
     assert not chunk_table.is_stale(group)
     with torch.no_grad():
         models[2].data = torch.randn(300)
         group.averages[1][3].data = torch.randn(300)
     assert not chunk_table.is_stale(group)
     assert chunk_table.table(group) is table  # rebuilt in place
-    assert table.pointers == chunk_table._pointers(group)
-    assert table.tensors.tolist() == chunk_table.tensor_rows(group)
+    assert table.model_base is models[0]
+    assert table.tensors[:, 0].tolist() == _offsets(models, models[0])
+    assert table.tensors[:, 2].tolist() == _offsets(group.averages[1], group.averages[0][0])
     assert not chunk_table.is_stale(group)
 
 
 @pytest.mark.parametrize("change", list(CHANGES))
-def test_chunk_table_stale_after_change(with_watch, change):
+def test_chunk_table_stale_after_change(change):
     models = [torch.nn.Parameter(torch.randn(3, 5)) for _ in range(3)]
     group = _group(models)
     chunk_table.table(group)

@@ -1,10 +1,11 @@
-"""The tests' ulp-distance helper (tests/conftest.py), checked against nextafter walks."""
+"""The tests' ulp-distance helper (tests/helpers.py), checked against nextafter walks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_within_ulps, spacing, ulp_distance
+
+from helpers import assert_within_ulps, spacing, ulp_distance
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)

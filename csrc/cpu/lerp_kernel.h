@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "../chunk_table.h"  // kMaxSets
+
 // A hint only: compilers without the builtin (MSVC) simply do not prefetch.
 #if defined(__GNUC__) || defined(__clang__)
 #define FUSED_EMA_PREFETCH(address) __builtin_prefetch(address)

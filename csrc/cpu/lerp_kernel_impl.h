@@ -151,8 +151,6 @@ inline void lerp_step(A* average, const M* model, const SetWeight<compute_t<A, M
 // and from L1 for the other sets, while each set streams through its own average.
 constexpr int64_t kSpanElements = 1024;
 
-constexpr int64_t kMaxSets = 16;
-
 // Small tensors are separate allocations, each a new stream the hardware prefetcher must discover;
 // touching the next tensors' first lines ahead of time hides that latency.
 constexpr int64_t kPrefetchTensorsAhead = 4;

@@ -8,6 +8,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "../chunk_table.h"
 #include "lerp_kernel.h"
 
 namespace pybind11 {
@@ -16,8 +17,7 @@ class module_;
 
 namespace fused_ema::cpu {
 
-// Sets one kernel call updates; more would need a larger stack array per thread.
-constexpr int64_t kMaxSets = 16;
+// kMaxSets (sets one kernel call updates) comes from the shared chunk-table header.
 
 ScalarKind scalar_kind(at::ScalarType dtype);
 

@@ -17,11 +17,17 @@ namespace fused_ema {
 namespace cuda {
 
 constexpr int kThreads = 256;
-constexpr int kVector = 4;  // elements per vector access: 16 bytes of float32, 8 of the half types
 
-template <typename T>
-struct alignas(sizeof(T) * kVector) Pack {
-  T values[kVector];
+// Elements per vector step: 16 bytes of the narrower side, so every access is a 128-bit load or
+// store (float32: 4, half types: 8, float64: 2); the wider side takes two or four of them
+// (a bfloat16 model into a float32 average: one 16-byte model load, two 16-byte average accesses).
+template <typename Average, typename Model>
+constexpr int kVectorElements =
+    static_cast<int>(kVectorBytes / (sizeof(Average) < sizeof(Model) ? sizeof(Average) : sizeof(Model)));
+
+template <typename T, int N>
+struct alignas(kVectorBytes) Pack {
+  T values[N];
 };
 
 FUSED_EMA_HOST_DEVICE float widen(float value) { return value; }
@@ -92,24 +98,25 @@ FUSED_EMA_HOST_DEVICE void update_chunk(const MultiLerpArgs& args, int64_t chunk
   Average* const average_base = static_cast<Average*>(args.average_base);
   const bool stochastic = args.stochastic && std::is_same_v<Average, __nv_bfloat16>;
 
-  // Vector accesses need every pointer of this tensor aligned to a whole pack; chunk starts are
-  // multiples of kVector, so that is a property of the tensor, the same for all its chunks.
-  bool aligned = reinterpret_cast<uintptr_t>(model) % sizeof(Pack<Model>) == 0;
+  // Vector accesses need every pointer of this tensor 16-byte aligned and the chunk to start on a
+  // whole vector step (chunk starts are multiples of chunk_elements, 2048 by default).
+  constexpr int kVector = kVectorElements<Average, Model>;
+  bool aligned = reinterpret_cast<uintptr_t>(model) % kVectorBytes == 0 && start % kVector == 0;
   for (int k = 0; k < args.sets; ++k) {
-    aligned = aligned && reinterpret_cast<uintptr_t>(average_base + row[1 + k]) % sizeof(Pack<Average>) == 0;
+    aligned = aligned && reinterpret_cast<uintptr_t>(average_base + row[1 + k]) % kVectorBytes == 0;
   }
 
   int64_t scalar_start = start;
   if (aligned) {
     const int64_t vector_end = start + (end - start) / kVector * kVector;
     for (int64_t i = start + static_cast<int64_t>(thread) * kVector; i < vector_end; i += kThreads * kVector) {
-      const Pack<Model> model_pack = *reinterpret_cast<const Pack<Model>*>(model + i);
+      const Pack<Model, kVector> model_pack = *reinterpret_cast<const Pack<Model, kVector>*>(model + i);
       Compute model_values[kVector];
 #pragma unroll
       for (int j = 0; j < kVector; ++j) model_values[j] = static_cast<Compute>(widen(model_pack.values[j]));
       for (int k = 0; k < args.sets; ++k) {
-        Pack<Average>* pointer = reinterpret_cast<Pack<Average>*>(average_base + row[1 + k] + i);
-        Pack<Average> pack = *pointer;
+        auto* pointer = reinterpret_cast<Pack<Average, kVector>*>(average_base + row[1 + k] + i);
+        Pack<Average, kVector> pack = *pointer;
 #pragma unroll
         for (int j = 0; j < kVector; ++j) {
           const Compute average = static_cast<Compute>(widen(pack.values[j]));
@@ -154,7 +161,7 @@ inline cudaError_t dispatch_types(const MultiLerpArgs& args, Run&& run) {
 }
 
 inline bool valid(const MultiLerpArgs& args) {
-  return args.sets >= 1 && args.sets <= kMaxSets && args.chunk_elements > 0 && args.chunk_elements % kVector == 0 &&
+  return args.sets >= 1 && args.sets <= kMaxSets && args.chunk_elements > 0 &&
          args.chunk_count >= 0 && args.chunk_count <= 0x7FFFFFFF;
 }
 

@@ -12,7 +12,7 @@
 #include <utility>
 #include <vector>
 
-#include "chunk_table.h"
+#include "../chunk_table_torch.h"
 #include "multi_lerp_kernel.h"
 
 namespace fused_ema {
@@ -66,51 +66,35 @@ void multi_lerp_cuda(at::TensorList averages, at::TensorList models, at::ArrayRe
   std::map<std::pair<at::ScalarType, at::ScalarType>, std::vector<int64_t>> groups;
   const at::Device device = models[0].device();
   for (int64_t i = 0; i < count; ++i) {
-    const at::Tensor& model = models[i];
-    const at::Tensor& first = averages[i];
-    TORCH_CHECK(model.device() == device, "fused_ema.multi_lerp_ (cuda): models[", i, "] is on ", model.device(),
-                " but models[0] on ", device, "; call once per device");
-    TORCH_CHECK(model.is_non_overlapping_and_dense(), "fused_ema.multi_lerp_ (cuda): models[", i,
-                "] is not dense (a strided view); pass contiguous tensors or use backend='foreach'");
-    for (int64_t k = 0; k < sets; ++k) {
-      const at::Tensor& average = averages[k * count + i];
-      TORCH_CHECK(average.device() == device && average.sizes() == model.sizes() &&
-                      average.strides() == model.strides() && average.scalar_type() == first.scalar_type(),
-                  "fused_ema.multi_lerp_ (cuda): averages[", k * count + i, "] must match models[", i,
-                  "] in device, shape and strides (and averages[", i, "] in dtype); use backend='foreach'");
-    }
-    element_type(model.scalar_type(), "every model tensor");
-    element_type(first.scalar_type(), "every average");
-    groups[{first.scalar_type(), model.scalar_type()}].push_back(i);
+    TORCH_CHECK(models[i].device() == device, "fused_ema.multi_lerp_ (cuda): models[", i, "] is on ",
+                models[i].device(), " but models[0] on ", device, "; call once per device");
+    element_type(models[i].scalar_type(), "every model tensor");
+    element_type(averages[i].scalar_type(), "every average");
+    groups[{averages[i].scalar_type(), models[i].scalar_type()}].push_back(i);
   }
 
   c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   for (const auto& [types, members] : groups) {
-    const at::Tensor& model_base = models[members[0]];
-    const at::Tensor& average_base = averages[members[0]];
-    std::vector<int64_t> table;  // tensors rows, then chunks rows, then step_args
-    std::vector<int64_t> numels;
+    std::vector<at::Tensor> group_models, group_averages;
+    std::vector<int64_t> group_indices;
     for (int64_t i : members) {
-      std::vector<uintptr_t> average_addresses;
-      for (int64_t k = 0; k < sets; ++k) {
-        average_addresses.push_back(reinterpret_cast<uintptr_t>(averages[k * count + i].data_ptr()));
-      }
-      const bool whole = append_tensor_row(
-          table, reinterpret_cast<uintptr_t>(model_base.data_ptr()), reinterpret_cast<uintptr_t>(models[i].data_ptr()),
-          models[i].element_size(), reinterpret_cast<uintptr_t>(average_base.data_ptr()), average_addresses,
-          average_base.element_size(), models[i].numel(), tensor_indices[i]);
-      TORCH_CHECK(whole, "fused_ema.multi_lerp_ (cuda): models[", i, "] or its averages start at an address that is "
-                  "not a multiple of the element size; clone them or use backend='foreach'");
-      numels.push_back(models[i].numel());
+      group_models.push_back(models[i]);
+      group_indices.push_back(tensor_indices[i]);
     }
-    const int64_t tensors_length = static_cast<int64_t>(table.size());
-    const std::vector<int64_t> chunks = chunk_rows(numels, kChunkElements);
-    table.insert(table.end(), chunks.begin(), chunks.end());
+    for (int64_t k = 0; k < sets; ++k) {
+      for (int64_t i : members) group_averages.push_back(averages[k * count + i]);
+    }
+    // The one builder (csrc/chunk_table.cpp) validates every pair: dense, matching strides, one device.
+    const ChunkTables tables = build_chunk_tables(group_averages, group_models, group_indices, sets, kChunkElements);
+    std::vector<int64_t> table(tables.tensors);  // tensors rows, then chunks rows, then step_args
+    const auto tensors_length = static_cast<int64_t>(table.size());
+    table.insert(table.end(), tables.chunks.begin(), tables.chunks.end());
     append_step_args(table, weights, rounding_keys);
 
     // Pinned staging so the copy is asynchronous; the caching host allocator keeps the buffer
-    // alive until the copy has run on this stream.
+    // alive until the copy has run on this stream, and the device copy returns to this stream's
+    // pool only after the kernel below (stream order).
     at::Tensor host = at::empty({static_cast<int64_t>(table.size())},
                                 at::TensorOptions().dtype(at::kLong).pinned_memory(true));
     std::memcpy(host.data_ptr<int64_t>(), table.data(), table.size() * sizeof(int64_t));
@@ -118,12 +102,12 @@ void multi_lerp_cuda(at::TensorList averages, at::TensorList models, at::ArrayRe
     const int64_t* base = on_device.data_ptr<int64_t>();
 
     MultiLerpArgs args;
-    args.model_base = model_base.data_ptr();
-    args.average_base = average_base.data_ptr();
+    args.model_base = group_models[0].data_ptr();
+    args.average_base = group_averages[0].data_ptr();
     args.tensors = base;
     args.chunks = base + tensors_length;
-    args.step_args = base + tensors_length + static_cast<int64_t>(chunks.size());
-    args.chunk_count = static_cast<int64_t>(chunks.size()) / 2;
+    args.step_args = base + tensors_length + static_cast<int64_t>(tables.chunks.size());
+    args.chunk_count = static_cast<int64_t>(tables.chunks.size()) / 2;
     args.chunk_elements = kChunkElements;
     args.sets = static_cast<int>(sets);
     args.average_type = element_type(types.first, "every average");
@@ -133,9 +117,10 @@ void multi_lerp_cuda(at::TensorList averages, at::TensorList models, at::ArrayRe
   }
 }
 
-// The persistent-table path: the tables were built once by fused_ema/backends/chunk_table.py and
-// live on the device; an update passes five tensors and three integers, no tensor lists. It writes
-// through the table's pointers, which the dispatcher cannot see: eager mode only (under
+// The persistent-table path: the tables were built once (fused_ema/backends/chunk_table.py, with
+// the builder of csrc/chunk_table.cpp) and live on the device; an update passes five tensors and
+// three integers, no tensor lists. It writes through the table's pointers, which no operator
+// schema could declare: a private pybind function (_C._multi_lerp_table_), eager mode only (under
 // torch.compile the "cuda" backend calls multi_lerp_ instead).
 void multi_lerp_table_cuda(const at::Tensor& model_base, const at::Tensor& average_base, const at::Tensor& tensors,
                            const at::Tensor& chunks, const at::Tensor& step_args, int64_t sets,
@@ -166,17 +151,12 @@ void multi_lerp_table_cuda(const at::Tensor& model_base, const at::Tensor& avera
   check_launch(launch_multi_lerp(args, c10::cuda::getCurrentCUDAStream(model_base.device().index()).stream()));
 }
 
+[[maybe_unused]] const bool registered_table_launcher = register_cuda_table_launcher(&multi_lerp_table_cuda);
+
 }  // namespace
 }  // namespace cuda
 }  // namespace fused_ema
 
-// The table operator exists only in CUDA builds, so its schema is declared beside its one kernel.
-TORCH_LIBRARY_FRAGMENT(fused_ema, m) {
-  m.def("multi_lerp_table_(Tensor model_base, Tensor(a!) average_base, Tensor tensors, Tensor chunks, "
-        "Tensor step_args, int sets, int chunk_elements, bool stochastic) -> ()");
-}
-
 TORCH_LIBRARY_IMPL(fused_ema, CUDA, m) {
   m.impl("multi_lerp_", &fused_ema::cuda::multi_lerp_cuda);
-  m.impl("multi_lerp_table_", &fused_ema::cuda::multi_lerp_table_cuda);
 }

@@ -1,6 +1,9 @@
 """The device-resident chunk table shared by the GPU backends ("triton" and "cuda").
 
-A group's update is one kernel launch over a table built once per group and kept on the device:
+A group's update is one kernel launch over a table built once per group and kept on the device.
+The table is built by the extension's one C++ builder (``fused_ema._C.build_chunk_table``,
+csrc/chunk_table.cpp), the same code the CUDA list operator uses; this module only moves it to the
+device and keeps it current:
 
 - ``tensors``: int64 ``[N, SETS + 3]``, one row per pair: ``model_offset, average_offset[0..SETS-1],
   numel, tensor_index``. Offsets count elements from a base tensor passed at launch (``model_base``,
@@ -9,103 +12,46 @@ A group's update is one kernel launch over a table built once per group and kept
   stochastic rounding.
 - ``chunks``: int64 ``[C, 2]``, one row per chunk of at most ``chunk_elements`` elements: ``slot`` (row
   of ``tensors``) and ``start`` (offset of the chunk in the tensor's flat memory).
-- ``step_args``: int64 ``[2 * SETS]``, rewritten every update with one non-blocking copy: the float64
-  bits of each set's weight, then each set's rounding key. The weights live in device memory so a new
-  weight needs neither a recompilation nor a sync. (The copy comes from a fresh pinned buffer, so a
-  CUDA graph that captured an update would replay a stale buffer: graph capture is not supported yet.)
+- ``step_args``: int64 ``[2 * SETS]``, a fresh device buffer each update (from the caching
+  allocator, on the launching stream): the float64 bits of each set's weight, then each set's
+  rounding key. The weights live in device memory so a new weight needs neither a recompilation
+  nor a sync, and no buffer is ever rewritten under a kernel that may still read it.
 
-Only this module reads data pointers. A storage swap (``param.data = t``, ``model.to(dtype)``) keeps
-the Python tensor but changes its pointer: :meth:`ChunkTable.refresh` notices it and rebuilds the
-table, or reports the group stale when the swap also changed the dtype, device or layout (the plan
-then regroups). The check is the C++ ``TensorWatch`` of the extension (csrc/tensor_watch.h: metadata
-only, no device sync, microseconds for thousands of tensors), or, when the extension is not built,
-a pass over the pointers in Python (about 0.1 us a tensor).
+Stream safety: the tables are built on the current stream; a launch on another stream records that
+stream on them (``record_stream``), so a rebuild that drops them cannot hand their memory to a new
+allocation while that stream's kernel still reads it. Building a table copies it from the host,
+which a CUDA graph would freeze: it refuses to run during capture (warm up before capturing).
+
+A storage swap (``param.data = t``, ``model.to(dtype)``) keeps the Python tensor but changes its
+pointer: :meth:`ChunkTable.is_stale` notices it through the C++ ``TensorWatch`` (csrc/tensor_watch.h:
+metadata only, no device sync, microseconds for thousands of tensors) and rebuilds the table, or
+reports the group stale when the swap also changed the dtype, device or layout (the plan then
+regroups).
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from operator import attrgetter
 
 import torch
 
+from fused_ema import ops
+from fused_ema.backends import capture
 from fused_ema.plan import Group, is_dense
 
-# Elements one program (Triton) or one thread block (CUDA) updates. A multiple of every vector width,
-# so a chunk of an aligned tensor starts aligned.
-CHUNK_ELEMENTS = 2048
-# Chunk starts are multiples of CHUNK_ELEMENTS; data pointers at this alignment (bytes) allow 16-byte
-# vector loads throughout (torch's allocators give 512).
-VECTOR_BYTES = 16
-
-_data_ptr = torch.Tensor.data_ptr
-_dtype = attrgetter("dtype")
+# Defined once, in csrc/chunk_table.h, and exported by the extension. Without the extension the GPU
+# backends are unavailable (see unavailable_reason), so the fallbacks below are never used to build.
+CHUNK_ELEMENTS: int = getattr(ops._C, "CHUNK_ELEMENTS", 2048)
+MAX_SETS: int = getattr(ops._C, "MAX_SETS", 16)
+VECTOR_BYTES: int = getattr(ops._C, "VECTOR_BYTES", 16)
 
 
-def _pointers(group: Group) -> list[int]:
-    # The fallback when the extension (and its TensorWatch) is not built: map over a C method is the
-    # cheapest read there is from Python, yet about 0.1 us a tensor with the comparison.
-    pointers = list(map(_data_ptr, group.models))
-    for averages in group.averages:
-        pointers += map(_data_ptr, averages)
-    return pointers
-
-
-def _tensor_watch(group: Group):
-    """A C++ ``TensorWatch`` over the group's models and averages, or None without the extension."""
-    from fused_ema import ops  # loads (or compiles) the extension on first use
-
+def unavailable_reason() -> str | None:
+    """Why no chunk table can be built here (the C++ extension did not load), or None."""
     if ops._C is None:
-        return None
-    return ops._C.TensorWatch([*group.models, *(average for averages in group.averages for average in averages)])
-
-
-def _element_offset(tensor: torch.Tensor, base: int) -> int:
-    offset, remainder = divmod(tensor.data_ptr() - base, tensor.element_size())
-    if remainder:
-        raise RuntimeError(
-            f"a {tuple(tensor.shape)} {tensor.dtype} tensor starts at address {tensor.data_ptr():#x}, "
-            f"not a multiple of its element size {tensor.element_size()}; clone it or use backend='foreach'"
-        )
-    return offset
-
-
-def tensor_rows(group: Group) -> list[list[int]]:
-    """The rows of the ``tensors`` table, on the host (tested without a device).
-
-    Offsets are in elements from ``group.models[0]`` and ``group.averages[0][0]``.
-    """
-    sets = len(group.averages)
-    model_base, average_base = group.models[0].data_ptr(), group.averages[0][0].data_ptr()
-    rows = []
-    for slot, (model, tensor_index) in enumerate(zip(group.models, group.tensor_indices)):
-        average_offsets = [_element_offset(group.averages[k][slot], average_base) for k in range(sets)]
-        rows.append([_element_offset(model, model_base), *average_offsets, model.numel(), tensor_index])
-    return rows
-
-
-def chunk_rows(numels: Sequence[int], chunk_elements: int) -> torch.Tensor:
-    """``[C, 2]`` int64 rows ``(slot, start)`` covering every element of every tensor exactly once."""
-    numels = torch.as_tensor(list(numels), dtype=torch.int64)
-    counts = (numels + chunk_elements - 1) // chunk_elements
-    slots = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), counts)
-    first_chunk = torch.cumsum(counts, 0) - counts
-    starts = (torch.arange(len(slots), dtype=torch.int64) - first_chunk[slots]) * chunk_elements
-    return torch.stack([slots, starts], dim=1)
-
-
-def _layout_ok(group: Group) -> bool:
-    """The swapped tensors still fit the group: dtypes, devices, dense flat memory, matching strides."""
-    if not group.unchanged():
-        return False
-    for index, model in enumerate(group.models):
-        if not is_dense(model):
-            return False
-        for averages in group.averages:
-            if averages[index].stride() != model.stride() or averages[index].shape != model.shape:
-                return False
-    return True
+        return f"its chunk table is built by the C++ extension, which did not load ({ops.UNAVAILABLE_REASON})"
+    return None
 
 
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -115,68 +61,76 @@ def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.to(device)
 
 
-class ChunkTable:
-    """The tables of one group on its device; see the module docstring for the layout."""
+def _current_stream(device: torch.device):
+    return torch.cuda.current_stream(device) if device.type == "cuda" else None
 
-    def __init__(self, group: Group, chunk_elements: int | None = None) -> None:
-        self.sets = len(group.averages)
+
+class DeviceTables:
+    """The ``tensors`` and ``chunks`` tables of some pairs, on their device; no handle on the pairs.
+
+    ``average_sets[k][i]`` pairs with ``models[i]``; every pair dense with matching strides, one
+    device, one dtype per side (the builder raises ValueError naming the first pair that is not).
+    """
+
+    def __init__(self, average_sets: Sequence[Sequence[torch.Tensor]], models: Sequence[torch.Tensor],
+                 tensor_indices: Sequence[int], chunk_elements: int | None = None) -> None:
+        capture.check_not_capturing("building the chunk table (first update, or after a storage swap)")
+        self.sets = len(average_sets)
         self.chunk_elements = chunk_elements or CHUNK_ELEMENTS
-        self.device = group.device
-        # The snapshot the table is built from: taken with it, followed on every refresh.
-        self.watch = _tensor_watch(group)
-        self._build(group)
-        self.step_args = torch.zeros(2 * self.sets, dtype=torch.int64, device=self.device)
+        self.device = models[0].device if models else torch.device("cpu")
+        averages = [average for averages in average_sets for average in averages]
+        tensors, chunks, self.aligned = ops._C.build_chunk_table(averages, list(models), list(tensor_indices),
+                                                                 self.sets, self.chunk_elements)
+        self.tensors = _to_device(tensors, self.device)
+        self.chunks = _to_device(chunks, self.device)
+        self.chunk_count = int(chunks.shape[0])  # host int from the host table: no sync
+        self._streams = {_current_stream(self.device)}
 
-    def _build(self, group: Group) -> None:
-        rows = tensor_rows(group)
-        # Held so the launch passes the bases the offsets were computed from (a swap rebuilds).
-        self.model_base, self.average_base = group.models[0], group.averages[0][0]
-        self.pointers = _pointers(group)
-        self.aligned = all(pointer % VECTOR_BYTES == 0 for pointer in self.pointers)
-        self.numels = [row[-2] for row in rows]
-        host_tensors = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), self.sets + 3)
-        self.tensors = _to_device(host_tensors, self.device)
-        self.chunks = _to_device(chunk_rows(self.numels, self.chunk_elements), self.device)
-        self.chunk_count = int(self.chunks.shape[0])  # host int from the host copy: no sync
+    def on_current_stream(self) -> None:
+        """Before a launch: keep the tables alive for the current stream too (see the module docstring)."""
+        stream = _current_stream(self.device)
+        if stream not in self._streams:
+            self.tensors.record_stream(stream)
+            self.chunks.record_stream(stream)
+            self._streams.add(stream)
 
-    def refresh(self, group: Group) -> bool:
-        """Rebuild after a storage swap; False when the group no longer fits (the plan must regroup).
-
-        The common case, nothing swapped, costs one pass over the tensors' metadata, in C++ when the
-        extension is built.
-        """
-        watch = self.watch
-        if watch is not None:
-            state = watch.refresh()
-            if state == "moved":  # same dtypes, devices and layouts: the table only needs new offsets
-                # The watch already holds the new addresses: if the rebuild raises, the Python check
-                # below (against the old pointers) takes over, so the old table never runs again.
-                self.watch = None
-                self._build(group)
-                self.watch = watch
-            return state != "stale"
-        if _pointers(group) == self.pointers:
-            # Same storages; a same-address view of another dtype is the one swap left to catch.
-            dtypes = set(map(_dtype, group.models))
-            for averages in group.averages:
-                dtypes.update(map(_dtype, averages))
-            return dtypes == {group.model_dtype, group.average_dtype}
-        if not _layout_ok(group):
-            return False
-        self._build(group)
-        return True
-
-    def write_step_args(self, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> torch.Tensor:
-        """Copy this update's weights and keys to the device without waiting, and return them."""
+    def step_args(self, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> torch.Tensor:
+        """This update's weights and keys in a fresh device buffer, copied without waiting."""
         keys = list(rounding_keys) if rounding_keys is not None else [0] * self.sets
         if len(weights) != self.sets or len(keys) != self.sets:
             raise ValueError(f"expected {self.sets} weights and rounding keys, got {len(weights)} and {len(keys)}")
         weight_bits = struct.unpack(f"<{self.sets}q", struct.pack(f"<{self.sets}d", *weights))
-        # A fresh pinned buffer each update: the caching host allocator keeps it alive until the copy
-        # has run, so the host never waits and never overwrites bytes still in flight.
+        # The pinned source is kept alive by the caching host allocator until the copy has run; the
+        # device buffer returns to the allocator of this stream once the launch has been enqueued.
         host = torch.tensor([*weight_bits, *keys], dtype=torch.int64, pin_memory=self.device.type == "cuda")
-        self.step_args.copy_(host, non_blocking=True)
-        return self.step_args
+        return host.to(self.device, non_blocking=True)
+
+
+class ChunkTable(DeviceTables):
+    """The tables of one plan group, kept current across storage swaps; see the module docstring."""
+
+    def __init__(self, group: Group, chunk_elements: int | None = None) -> None:
+        # The snapshot the table is built from: taken with it, followed on every check.
+        self.watch = ops._C.TensorWatch([*group.models, *(a for averages in group.averages for a in averages)])
+        self._build(group, chunk_elements)
+
+    def _build(self, group: Group, chunk_elements: int | None) -> None:
+        super().__init__(group.averages, group.models, group.tensor_indices, chunk_elements)
+        # Held so the launch passes the bases the offsets were computed from (a swap rebuilds).
+        self.model_base, self.average_base = group.models[0], group.averages[0][0]
+
+    def is_stale(self, group: Group) -> bool:
+        """True when the group no longer fits a table (the plan must regroup); rebuilds after a swap.
+
+        The common case, nothing swapped, costs one pass over the tensors' metadata in C++.
+        """
+        state = self.watch.refresh()
+        if state == "moved":  # same dtypes, devices and layouts: the table only needs new offsets
+            try:
+                self._build(group, self.chunk_elements)
+            except ValueError:  # e.g. a swapped-in tensor at an odd address: let the plan regroup
+                return True
+        return state == "stale"
 
 
 def table(group: Group) -> ChunkTable:
@@ -187,9 +141,22 @@ def table(group: Group) -> ChunkTable:
     return cached
 
 
+def _layout_ok(group: Group) -> bool:
+    """The tensors still fit the group: dtypes, devices, dense flat memory, matching strides."""
+    if not group.unchanged():
+        return False
+    for index, model in enumerate(group.models):
+        if not is_dense(model):
+            return False
+        for averages in group.averages:
+            if averages[index].stride() != model.stride():
+                return False
+    return True
+
+
 def is_stale(group: Group) -> bool:
-    """The fused backends' ``is_stale``: refresh the table after a storage swap, True if regrouping is needed."""
+    """The fused backends' ``table_is_stale``: refresh the table after a storage swap, True if regrouping is needed."""
     cached = group.cache.get("chunk_table")
     if cached is None:
         return not _layout_ok(group)
-    return not cached.refresh(group)
+    return cached.is_stale(group)

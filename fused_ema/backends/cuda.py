@@ -1,8 +1,9 @@
 """The "cuda" backend: the CUDA kernel of csrc/cuda, one launch per group, no host-device sync.
 
-A thin wrapper. Eager updates call ``torch.ops.fused_ema.multi_lerp_table_`` with the group's
-device-resident chunk table (built once by :mod:`fused_ema.backends.chunk_table`, shared with the
-"triton" backend), so an update passes five tensors instead of lists of thousands. Under
+A thin wrapper. Eager updates call the extension's private ``_C._multi_lerp_table_`` with the
+group's device-resident chunk table (built once by :mod:`fused_ema.backends.chunk_table`, shared
+with the "triton" backend), so an update passes five tensors instead of lists of thousands. (Not a
+``torch.library`` operator: it writes through the table's pointers, which no schema can declare.) Under
 ``torch.compile`` the list operator ``torch.ops.fused_ema.multi_lerp_`` (CUDA dispatch key, fake in
 :mod:`fused_ema.ops`) runs instead, which the compiler sees as one node.
 """
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fused_ema.backends import FusedBackend, chunk_table
+from fused_ema.backends import FusedBackend, capture, chunk_table
 
 _REBUILD = "set CUDA_HOME to the CUDA toolkit and reinstall with `pip install --no-build-isolation .`"
 
@@ -46,6 +47,7 @@ def _reason() -> str | None:
 class CudaBackend(FusedBackend):
     name = "cuda"
     device_types = ("cuda",)
+    max_sets = chunk_table.MAX_SETS
 
     def unavailable_reason(self) -> str | None:
         return _reason()
@@ -58,12 +60,21 @@ class CudaBackend(FusedBackend):
 
     def run_table(self, group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
         table = chunk_table.table(group)
-        step_args = table.write_step_args(weights, rounding_keys)
+        self._launch(table, table.step_args(weights, rounding_keys), rounding_keys is not None)
+
+    def run_table_device(self, group, weights: torch.Tensor) -> None:
+        """A capturable update: ``weights`` is a 1-d tensor on the group's device (see capture.py)."""
+        self._launch(chunk_table.table(group), capture.step_args(weights), False)
+
+    @staticmethod
+    def _launch(table: chunk_table.ChunkTable, step_args: torch.Tensor, stochastic: bool) -> None:
         if table.chunk_count:
-            torch.ops.fused_ema.multi_lerp_table_(
-                table.model_base, table.average_base, table.tensors, table.chunks, step_args,
-                table.sets, table.chunk_elements, rounding_keys is not None,
-            )
+            with torch.cuda.device(table.device):  # the current stream of the tables' device
+                table.on_current_stream()
+                _ops()._C._multi_lerp_table_(
+                    table.model_base, table.average_base, table.tensors, table.chunks, step_args,
+                    table.sets, table.chunk_elements, stochastic,
+                )
 
 
 BACKEND = CudaBackend()

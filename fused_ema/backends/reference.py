@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fused_ema.backends import Backend
+from fused_ema.backends import Backend, offload
 from fused_ema.rounding import memory_order_index, stochastic_round_to_bfloat16
 
 
@@ -26,7 +26,7 @@ def lerp_pair_(
     tensor_index: int = 0,
 ) -> None:
     """``average <- lerp(average, model, weight)``, computed wide and rounded once on store."""
-    model = model.to(average.device, non_blocking=True)
+    model = offload.to_device(model, average.device)
     stochastic = rounding_key is not None and average.dtype == torch.bfloat16
     if average.dtype == model.dtype and not stochastic:
         average.lerp_(model, weight)  # ATen already upcasts half types and rounds once

@@ -16,12 +16,13 @@ Triton's interpreter; only then does this backend accept CPU tensors, and "auto"
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 
 import torch
 
-from fused_ema.backends import FusedBackend, chunk_table
+from fused_ema.backends import FusedBackend, capture, chunk_table
 
 try:
     import triton
@@ -154,55 +155,73 @@ def _multi_lerp_kernel(
                     MASKED=True)
 
 
-def launch_(table: chunk_table.ChunkTable, average_dtype: torch.dtype, model_dtype: torch.dtype,
-            weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
-    """Run the kernel over ``table`` with this update's weights: one launch, no sync."""
-    step_args = table.write_step_args(weights, rounding_keys)
-    if table.chunk_count == 0:
-        return
-    stochastic = rounding_keys is not None and average_dtype == torch.bfloat16
-    _multi_lerp_kernel[(table.chunk_count,)](
-        table.model_base,
-        table.average_base,
-        table.tensors,
-        table.chunks,
-        step_args,
-        AVERAGE_DTYPE=_TORCH_TO_TRITON[average_dtype],
-        MODEL_DTYPE=_TORCH_TO_TRITON[model_dtype],
-        WIDE=torch.float64 in (average_dtype, model_dtype),
-        SETS=table.sets,
-        STOCHASTIC=stochastic,
-        MODEL_ALIGNMENT=16 // model_dtype.itemsize if table.aligned else 1,
-        AVERAGE_ALIGNMENT=16 // average_dtype.itemsize if table.aligned else 1,
-        BLOCK=table.chunk_elements,
-        # The one fma is explicit; no other contraction, so results do not depend on Triton's default.
-        enable_fp_fusion=False,
-    )
+def _on_device(device: torch.device):
+    """Make ``device`` current: Triton launches on the current device's current stream."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-class _ListGroup:
-    """The fields of a Group the table needs, for the list-taking op (compile path)."""
+def launch_(table: chunk_table.DeviceTables, model_base: torch.Tensor, average_base: torch.Tensor,
+            average_dtype: torch.dtype, model_dtype: torch.dtype,
+            weights: Sequence[float] | torch.Tensor, rounding_keys: Sequence[int] | None) -> None:
+    """Run the kernel over ``table`` with this update's weights: one launch, no sync.
 
-    def __init__(self, averages, models, tensor_indices) -> None:
-        self.averages, self.models, self.tensor_indices = averages, models, tensor_indices
-        self.device = models[0].device if models else torch.device("cpu")
-        self.cache: dict = {}
+    ``model_base`` and ``average_base`` are the tensors the table's offsets count from.
+    ``weights`` are floats, or a 1-d device tensor (capturable updates: no host-to-device copy).
+    """
+    with _on_device(table.device):
+        if isinstance(weights, torch.Tensor):
+            step_args = capture.step_args(weights)
+        else:
+            step_args = table.step_args(weights, rounding_keys)
+        if table.chunk_count == 0:
+            return
+        table.on_current_stream()
+        stochastic = rounding_keys is not None and average_dtype == torch.bfloat16
+        _multi_lerp_kernel[(table.chunk_count,)](
+            model_base,
+            average_base,
+            table.tensors,
+            table.chunks,
+            step_args,
+            AVERAGE_DTYPE=_TORCH_TO_TRITON[average_dtype],
+            MODEL_DTYPE=_TORCH_TO_TRITON[model_dtype],
+            WIDE=torch.float64 in (average_dtype, model_dtype),
+            SETS=table.sets,
+            STOCHASTIC=stochastic,
+            MODEL_ALIGNMENT=16 // model_dtype.itemsize if table.aligned else 1,
+            AVERAGE_ALIGNMENT=16 // average_dtype.itemsize if table.aligned else 1,
+            BLOCK=table.chunk_elements,
+            # The one fma is explicit; no other contraction, so results do not depend on Triton's default.
+            enable_fp_fusion=False,
+        )
 
 
-_op_tables: dict[tuple, chunk_table.ChunkTable] = {}
+def _run_group_table(group, weights, rounding_keys) -> None:
+    table = chunk_table.table(group)
+    launch_(table, table.model_base, table.average_base, group.average_dtype, group.model_dtype, weights,
+            rounding_keys)
+
+
+# The op path's tables, keyed on everything a table encodes or depends on (addresses, dtypes, shapes,
+# strides, indices, chunk size). Values hold only the small device tables, never the tensors: a
+# cached entry cannot keep a model alive, and reusing one for other tensors with the same key is
+# correct by construction (the table is a function of the key).
+_op_tables: dict[tuple, chunk_table.DeviceTables] = {}
 _OP_TABLE_LIMIT = 8
 
 
-def _op_table(average_sets, models, tensor_indices) -> chunk_table.ChunkTable:
-    # The op receives tensors, not a Group: key its table on what the table encodes (pointers and
-    # sizes; a freed address can come back holding another tensor).
-    key = (tuple(map(torch.Tensor.data_ptr, models)), tuple(map(torch.Tensor.numel, models)),
-           tuple(t.data_ptr() for averages in average_sets for t in averages), tuple(tensor_indices))
+def _describe(tensor: torch.Tensor) -> tuple:
+    return tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride()
+
+
+def _op_table(average_sets, models, tensor_indices) -> chunk_table.DeviceTables:
+    key = (tuple(map(_describe, models)), tuple(_describe(t) for averages in average_sets for t in averages),
+           tuple(tensor_indices), chunk_table.CHUNK_ELEMENTS)
     table = _op_tables.get(key)
     if table is None:
         if len(_op_tables) >= _OP_TABLE_LIMIT:
             _op_tables.pop(next(iter(_op_tables)))
-        table = _op_tables[key] = chunk_table.ChunkTable(_ListGroup(average_sets, models, tensor_indices))
+        table = _op_tables[key] = chunk_table.DeviceTables(average_sets, models, tensor_indices)
     return table
 
 
@@ -222,14 +241,16 @@ def _multi_lerp_impl(averages: list[torch.Tensor], models: list[torch.Tensor], w
                          "tensors by dtype (fused_ema.plan.Plan does) or use fused_ema.multi_lerp_")
     average_sets = [averages[k * len(models):(k + 1) * len(models)] for k in range(sets)]
     table = _op_table(average_sets, models, tensor_indices)
-    launch_(table, average_dtype, model_dtype, weights, rounding_keys)
+    launch_(table, models[0], average_sets[0][0], average_dtype, model_dtype, weights, rounding_keys)
 
 
 # The interpreted copy of this module (tests) registers its own name, so both can coexist.
 _OP_NAME = "fused_ema::triton_interpret_multi_lerp_" if INTERPRET else "fused_ema::triton_multi_lerp_"
 # Averages are set-major: averages[k * len(models) + i] is pair i of set k (the C++ op's layout).
 # An opaque custom op rather than triton_op: its body reads data pointers, which tracing cannot.
-multi_lerp_op = torch.library.custom_op(_OP_NAME, mutates_args=("averages",))(_multi_lerp_impl)
+# cudagraph_unsafe: the op copies its tables and weights from host memory, which a graph would freeze.
+multi_lerp_op = torch.library.custom_op(_OP_NAME, mutates_args=("averages",),
+                                        tags=(torch.Tag.cudagraph_unsafe,))(_multi_lerp_impl)
 
 
 @multi_lerp_op.register_fake
@@ -238,20 +259,19 @@ def _(averages, models, weights, tensor_indices, rounding_keys) -> None:
 
 
 def _reason() -> str | None:
-    if INTERPRET:
-        return None
-    if not torch.cuda.is_available():
+    if not INTERPRET and not torch.cuda.is_available():
         return (
             "no CUDA device is visible to torch (it needs an NVIDIA GPU and a CUDA build of torch); "
             "use backend='foreach' or 'cpu', or set TRITON_INTERPRET=1 to run it slowly on CPU tensors"
         )
-    return None
+    return chunk_table.unavailable_reason()
 
 
 class TritonBackend(FusedBackend):
     name = "triton"
     # Only the interpreter runs on CPU tensors; "auto" never tries triton on CPU (see AUTO_ORDER).
     device_types = ("cuda", "cpu") if INTERPRET else ("cuda",)
+    max_sets = chunk_table.MAX_SETS
 
     def unavailable_reason(self) -> str | None:
         return _reason()
@@ -260,7 +280,11 @@ class TritonBackend(FusedBackend):
         return chunk_table.is_stale(group)
 
     def run_table(self, group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
-        launch_(chunk_table.table(group), group.average_dtype, group.model_dtype, weights, rounding_keys)
+        _run_group_table(group, weights, rounding_keys)
+
+    def run_table_device(self, group, weights: torch.Tensor) -> None:
+        """A capturable update: ``weights`` is a 1-d tensor on the group's device (see capture.py)."""
+        _run_group_table(group, weights, None)
 
     def list_op(self, averages, models, weights, tensor_indices, rounding_keys) -> None:
         multi_lerp_op(averages, models, weights, tensor_indices, rounding_keys)

@@ -1,21 +1,30 @@
-// The chunk table of one group, built on the host (no CUDA, no torch): the layout of
-// fused_ema/backends/chunk_table.py, so the list-taking operator and the Python-built persistent
-// table feed one kernel. Tested on the host by tests/cuda_host_test.cpp.
+// The chunk table: the one description of "which elements of which tensors" every fused kernel
+// walks, built here once for all of them (the CUDA kernel, the Triton launcher through
+// fused_ema/backends/chunk_table.py, and its constants for the CPU kernel). No torch and no CUDA
+// headers: g++ compiles this for the host test (tests/cuda_host_test.cpp), nvcc for the kernels.
 //
 //   tensors: int64 [N, sets + 3]  model_offset, average_offset[sets], numel, tensor_index
 //            (offsets in elements from the first model and the first average of the group)
 //   chunks:  int64 [C, 2]         slot (row of tensors), start (offset of the chunk in the tensor)
+//
+// The torch-facing builder (validation, tensors out) is chunk_table.cpp.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
 namespace fused_ema {
-namespace cuda {
 
-// Elements per chunk (one thread block); chunk starts are multiples of it, so a 16-byte aligned
-// tensor stays aligned in every chunk. Same value as chunk_table.CHUNK_ELEMENTS.
+// The most average sets one pass updates: every kernel keeps the weights in a fixed-size array.
+// Exported to Python as fused_ema._C.MAX_SETS.
+constexpr int64_t kMaxSets = 16;
+
+// Elements per chunk (one CUDA thread block, one Triton program); chunk starts are multiples of
+// it, so a 16-byte aligned tensor stays aligned in every chunk. Exported as _C.CHUNK_ELEMENTS.
 constexpr int64_t kChunkElements = 2048;
+
+// Byte alignment of every pointer that lets a kernel use 16-byte vector accesses throughout.
+constexpr int64_t kVectorBytes = 16;
 
 inline int64_t tensor_row_width(int64_t sets) { return sets + 3; }
 
@@ -50,5 +59,4 @@ inline bool append_tensor_row(std::vector<int64_t>& rows, uintptr_t model_base, 
   return true;
 }
 
-}  // namespace cuda
 }  // namespace fused_ema
