@@ -12,7 +12,7 @@ says why and what to do, and the ``"cpu"`` backend reports it.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import importlib.machinery
 import logging
 import os
 import shutil
@@ -54,7 +54,9 @@ def _refusal(record: dict | None) -> str | None:
     """Why the installed ``fused_ema._C`` must not be imported; None when it may be."""
     if record is not None and record.get("extension") is None:
         return f"the C++ extension was not built: {record.get('reason', 'installed without it')}"
-    spec = importlib.util.find_spec("fused_ema._C")
+    # Only this package's directory: an editable install's import hook elsewhere on sys.meta_path
+    # could otherwise offer another tree's _C, which this record does not describe.
+    spec = importlib.machinery.PathFinder.find_spec("fused_ema._C", [str(_PACKAGE)])
     if spec is None:
         return "the C++ extension is not built (there is no fused_ema/_C)"
     if record is None:
