@@ -178,6 +178,22 @@ def test_swap_exchanges_only_the_selected_tensors_and_survives_an_exception():
         assert model.get_parameter(name)._version == version, name  # swap never touched them
 
 
+def test_store_copy_to_restore_touch_only_the_selected_tensors():
+    model = lora_model()
+    ema = fused_ema.EMA(model, decay=0.5, include="*.lora_*", include_buffers=False)
+    train(model, 2, ema)
+    training = {name: p.detach().clone() for name, p in model.named_parameters()}
+    frozen = {name: model.get_parameter(name)._version for name in training if name not in ADAPTERS}
+    ema.store()
+    ema.copy_to()
+    for name in ADAPTERS:
+        assert torch.equal(model.get_parameter(name), ema.module.get_parameter(name))
+    ema.restore()
+    for name, tensor in training.items():
+        assert torch.equal(model.get_parameter(name), tensor), name
+    assert {name: model.get_parameter(name)._version for name in frozen} == frozen
+
+
 def test_a_frozen_tensor_changed_later_is_seen_by_the_average():
     model = lora_model()
     ema = fused_ema.EMA(model, decay=0.5, include="*.lora_*")
