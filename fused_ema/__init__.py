@@ -10,6 +10,16 @@ Example::
         evaluate(model)
 """
 
+import warnings as _warnings
+
+with _warnings.catch_warnings():
+    # torch imported without numpy installed warns "Failed to initialize NumPy" (a class body in
+    # torch/_subclasses/functional_tensor.py probes numpy). fused_ema never needs numpy, so a
+    # fused-ema command, or a script whose first import is fused_ema, should not print it. Scoped:
+    # the filters are restored on exit, and a torch imported earlier has already warned or not.
+    _warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+    import torch  # noqa: F401
+
 from fused_ema import posthoc, rules
 from fused_ema.averaged_model import (
     SWALR,

@@ -59,6 +59,49 @@ def _auto_choice(device_type: str) -> tuple[str | None, list[str]]:
     return ", ".join(chosen), reasons
 
 
+def _extension_line() -> str:
+    """Where the C++ extension came from and what it holds, or why it did not load."""
+    from fused_ema import build_config, ops
+
+    if ops._C is None:
+        return f"not loaded: {ops.UNAVAILABLE_REASON}"
+    record = build_config.read_record(os.path.dirname(ops.__file__))
+    if ops._C.__name__ != "fused_ema._C" or record is None:
+        return f"{ops._C.__file__} (compiled on first use, {build_config.JIT_VARIABLE}=1)"
+    line = f"{ops._C.__file__} (built against torch {record.get('torch')}"
+    if record.get("cuda_kernels"):
+        line += f"; CUDA kernels for TORCH_CUDA_ARCH_LIST={record.get('cuda_arch_list') or 'torch default'}"
+    return line + ")"
+
+
+def backend_line(name: str, reason: str | None) -> str:
+    """``info``'s status of one backend: "available", "needs a GPU ..." or "not available: <reason>".
+
+    A CUDA build of torch on a machine without a GPU can hold everything the cuda and triton
+    backends need except the GPU: they are listed as needing one, with what is compiled.
+    """
+    if reason is None:
+        return "available"
+    if name not in ("cuda", "triton") or not torch.version.cuda or torch.cuda.is_available():
+        return f"not available: {reason}"
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return f"not available: {reason}"
+        import triton
+
+        return f"needs a GPU (triton {triton.__version__} is installed; it compiles the kernel on the GPU)"
+    from fused_ema import build_config, ops
+
+    if ops._C is None:
+        return f"needs a GPU, and the C++ extension did not load: {ops.UNAVAILABLE_REASON}"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("fused_ema::multi_lerp_", "CUDA"):
+        why = ops.CUDA_NOTE or f"it was built without them; {build_config.REBUILD_COMMAND} with the CUDA toolkit"
+        return f"needs a GPU, and the extension has no CUDA kernels: {why}"
+    record = build_config.read_record(os.path.dirname(ops.__file__)) or {}
+    arch = record.get("cuda_arch_list")
+    return "needs a GPU (CUDA kernels compiled" + (f" for TORCH_CUDA_ARCH_LIST={arch})" if arch else ")")
+
+
 def info(_: argparse.Namespace | None = None) -> int:
     """Print versions, the backends and why any is unavailable, and what "auto" picks."""
     env = benchmark.environment()
@@ -79,11 +122,13 @@ def info(_: argparse.Namespace | None = None) -> int:
         build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build of torch"
         print(f"CUDA       no GPU visible ({build})")
 
+    print(f"extension  {_extension_line()}")
+
     print("\nBackends:")
     status = registry.status()
     width = max(map(len, status))
     for name, reason in status.items():
-        print(f"  {name:<{width}}  {'available' if reason is None else 'not available: ' + reason}")
+        print(f"  {name:<{width}}  {backend_line(name, reason)}")
 
     print('\nbackend="auto" (the default) picks the first of its order that can run the tensors:')
     for device_type in ("cpu", "cuda"):

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fused_ema
-from conftest import DTYPES, cpu_backends, tolerance
+from conftest import DTYPES, REFERENCE_ULPS, assert_within_ulps, cpu_backends, tolerance
 from fused_ema.plan import Plan
 
 SHAPES = {
@@ -61,8 +61,8 @@ def test_backends_agree_with_reference(backend, average_dtype, model_dtype, weig
     fused_ema.lerp_(ours, models, weight, backend=backend)
     fused_ema.lerp_(oracle, models, weight, backend="reference")
     for mine, theirs in zip(ours, oracle):
-        # Same formula, same rounding: at most one unit in the last place apart (fma or not).
-        torch.testing.assert_close(mine, theirs, rtol=tolerance(average_dtype)["rtol"] / 2, atol=0)
+        # Same formula, same fma, one rounding: what REFERENCE_ULPS says (0: bit-identical).
+        assert_within_ulps(mine, theirs, REFERENCE_ULPS[backend], f"{backend} against reference")
 
 
 @pytest.mark.parametrize("layout", ["transposed", "sliced", "channels_last", "expanded_model", "mixed_strides"])

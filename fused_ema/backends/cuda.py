@@ -15,7 +15,7 @@ import torch
 
 from fused_ema.backends import FusedBackend, chunk_table
 
-_REBUILD = "put the CUDA toolkit's nvcc on the PATH and reinstall with `pip install --no-build-isolation .`"
+_REBUILD = "set CUDA_HOME to the CUDA toolkit and reinstall with `pip install --no-build-isolation .`"
 
 
 def _ops():
@@ -36,7 +36,7 @@ def _reason() -> str | None:
     if reason is not None:
         return f"the C++ extension did not load ({reason})"
     if not torch._C._dispatch_has_kernel_for_dispatch_key("fused_ema::multi_lerp_", "CUDA"):
-        return (
+        return _ops().CUDA_NOTE or (
             "the C++ extension was built without its CUDA kernels (nvcc was not found at install, or "
             "torch was a CPU build then); " + _REBUILD
         )
