@@ -98,7 +98,7 @@ def _extensions() -> tuple[list, dict, dict | None]:
     if record["cuda_kernels"]:
         cpp_extension.CUDA_HOME = record["cuda_toolkit"]  # in case it was imported before the line above
     cxx_flags, link_flags = build_config.compile_flags()
-    common = dict(sources=_relative(sources), depends=_relative(build_config.headers(CSRC)), extra_link_args=link_flags)
+    common = {"sources": _relative(sources), "depends": _relative(build_config.headers(CSRC)), "extra_link_args": link_flags}
     if record["cuda_kernels"]:
         extension = cpp_extension.CUDAExtension(
             "fused_ema._C", extra_compile_args={"cxx": cxx_flags, "nvcc": build_config.cuda_compile_flags()}, **common
@@ -109,17 +109,25 @@ def _extensions() -> tuple[list, dict, dict | None]:
     class BuildExtensionWithRecord(cpp_extension.BuildExtension):
         """torch's BuildExtension, failing loudly, which rebuilds a stale ``_C`` and records what it built."""
 
+        def _directories(self, ext) -> set[Path]:
+            # Where _C lands (the source package with --inplace or in an editable install) and
+            # build/lib, where setuptools builds it first and checks whether it is up to date.
+            regular = Path(self.build_lib) / self.get_ext_filename(self.get_ext_fullname(ext.name))
+            return {Path(self.get_ext_fullpath(ext.name)).parent, regular.parent}
+
         def run(self) -> None:
             for ext in self.extensions:
-                recorded = build_config.read_record(Path(self.get_ext_fullpath(ext.name)).parent) or {}
-                if any(recorded.get(key) != value for key, value in record.items()):
-                    # setuptools skips an extension whose sources are older than it: an _C built for
-                    # another torch (or without CUDA kernels) would be kept.
-                    self.force = True
+                for directory in self._directories(ext):
+                    recorded = build_config.read_record(directory) or {}
+                    if any(recorded.get(key) != value for key, value in record.items()):
+                        # setuptools skips an extension whose sources are older than it: an _C
+                        # built for another torch (or without CUDA kernels) would be kept.
+                        self.force = True
             super().run()
             for ext in self.extensions:
-                path = Path(self.get_ext_fullpath(ext.name))
-                build_config.write_record(path.parent, {**record, "extension": path.name})
+                name = Path(self.get_ext_fullpath(ext.name)).name
+                for directory in self._directories(ext):
+                    build_config.write_record(directory, {**record, "extension": name})
 
     return [extension], {"build_ext": BuildExtensionWithRecord.with_options(use_ninja=True)}, None
 

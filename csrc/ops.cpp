@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "cpu/table.h"
+#include "pack.h"
 #include "tensor_watch.h"
 
 TORCH_LIBRARY(fused_ema, m) {
@@ -21,4 +22,5 @@ TORCH_LIBRARY(fused_ema, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   fused_ema::bind_tensor_watch(module);
   fused_ema::cpu::bind_cpu_table(module);
+  fused_ema::bind_pack(module);
 }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -12,7 +12,7 @@ from torch.optim.swa_utils import SWALR, update_bn  # noqa: F401  (re-exported)
 
 from fused_ema import backends, selection
 from fused_ema.backends.reference import compute_dtype
-from fused_ema.modules import Binding, clone_module, unwrap
+from fused_ema.modules import Binding, check_loadable, clone_module, unwrap
 from fused_ema.rules import EMA, SWA, Rule
 
 
@@ -117,11 +117,22 @@ class AveragedModel(swa_utils.AveragedModel):
         self.multi_avg_fn = multi_avg_fn
         self.use_buffers = use_buffers
         self.backend = backends.check_name(backend)
+        backends.check_usable(backend, {t.device.type for t in (*self.module.parameters(), *self.module.buffers())})
         self._rule = SWA() if avg_fn is None and multi_avg_fn is None else _rule_of(avg_fn or multi_avg_fn)
-        self._n_host = 0
         self._binding = Binding([self.module], average_buffers=use_buffers, backend=backend, selected=selected)
         selection.attach(self, model, [self.module], selected)
-        self.register_load_state_dict_post_hook(_reread_n_averaged)
+        self._mirror_n_averaged(0)
+
+    def _mirror_n_averaged(self, count: int) -> None:
+        # The host copy of n_averaged, valid while the buffer is this object at this version.
+        self._n_host, self._n_seen = count, (self.n_averaged, self.n_averaged._version)
+
+    def _count(self) -> int:
+        """``n_averaged`` as an int: the host mirror, re-read only after the buffer was edited or replaced."""
+        seen, version = self._n_seen
+        if self.n_averaged is not seen or self.n_averaged._version != version:
+            self._mirror_n_averaged(int(self.n_averaged))  # the user changed it: one read, as torch's class
+        return self._n_host
 
     def _apply(self, fn: Callable, recurse: bool = True) -> AveragedModel:
         # .to() / .half() on the average must not move or cast the live model's shared parameters.
@@ -129,19 +140,30 @@ class AveragedModel(swa_utils.AveragedModel):
 
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:
-        """Fold ``model``'s current weights into the average (the first call copies them)."""
-        plan = self._binding.plan(unwrap(model))
-        if self._rule is not None:
-            plan.lerp_([1.0 if self._n_host == 0 else self._rule(self._n_host)])
-        else:
-            self._update_with_function(plan)
-        self.n_averaged.add_(1)  # in place on its device: no sync
-        self._n_host += 1
+        """Fold ``model``'s current weights into the average (the first call copies them).
 
-    def _update_with_function(self, plan) -> None:
+        ``n_averaged`` is the count the next update uses: editing it in place (``zero_()``,
+        ``fill_()``, ``copy_()``) or assigning a new tensor is honoured, as in torch's class; an
+        update after no such edit reads nothing back from the device.
+        """
+        plan = self._binding.plan(unwrap(model))
+        count = self._count()
+        if self._rule is not None:
+            plan.lerp_([1.0 if count == 0 else self._rule(count)])
+        else:
+            self._update_with_function(plan, count)
+        self.n_averaged.add_(1)  # in place on its device: no sync
+        self._mirror_n_averaged(count + 1)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """As ``nn.Module.load_state_dict``, but all or nothing: a load that raises changes nothing."""
+        check_loadable(self, state_dict, strict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _update_with_function(self, plan, count: int) -> None:
         """A user's own avg_fn / multi_avg_fn, called as torch's AveragedModel calls it."""
-        pairs = [(a, m) for a, m in zip(plan.average_sets[0], plan.models) if a.is_floating_point()]
-        if self._n_host == 0:
+        pairs = [(a, m) for a, m in zip(plan.average_sets[0], plan.models) if a.is_floating_point() or a.is_complex()]
+        if count == 0:
             for average, model in pairs:
                 average.copy_(model)
         elif self.multi_avg_fn is not None:
@@ -158,7 +180,3 @@ class AveragedModel(swa_utils.AveragedModel):
                 average.copy_(self.avg_fn(average, model, self.n_averaged.to(average.device)))
         plan.copy_()
 
-
-def _reread_n_averaged(module: AveragedModel, _incompatible_keys) -> None:
-    # Loading a checkpoint is not an update: one read of the loaded count here is fine.
-    module._n_host = int(module.n_averaged)

@@ -33,7 +33,7 @@ REBUILD_COMMAND = "pip install --no-build-isolation ."
 
 def cpu_sources(csrc: Path) -> list[Path]:
     """The C++ sources of the CPU extension, below the ``csrc`` directory."""
-    return [csrc / "ops.cpp", csrc / "tensor_watch.cpp", *sorted((csrc / "cpu").glob("*.cpp"))]
+    return [csrc / "ops.cpp", csrc / "tensor_watch.cpp", csrc / "pack.cpp", *sorted((csrc / "cpu").glob("*.cpp"))]
 
 
 def cuda_sources(csrc: Path) -> list[Path]:
@@ -80,7 +80,7 @@ def toolkit_version(home: Path) -> tuple[int, int] | None:
         pass
     try:
         output = subprocess.run([str(home / "bin" / "nvcc"), "--version"], capture_output=True, text=True,
-                                timeout=60).stdout
+                                timeout=60, check=False).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     match = re.search(r"release (\d+)\.(\d+)", output)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 
 from fused_ema import backends, distributed, selection
 from fused_ema import rules as rules_module
-from fused_ema.modules import Binding, clone_module, unwrap
+from fused_ema.modules import Binding, check_loadable, clone_module, pack_, unwrap
 from fused_ema.rounding import rounding_key
 
 
@@ -70,7 +71,7 @@ class EMA(nn.Module):
     ) -> None:
         super().__init__()
         if rule is None:
-            decays = [decay] if isinstance(decay, (int, float)) else list(decay)
+            decays = list(decay) if isinstance(decay, (list, tuple)) else [decay]  # a str is one (bad) decay
             rule = [rules_module.EMA(d) for d in decays]
         rule_list = [rule] if isinstance(rule, rules_module.Rule) else list(rule)
         if not rule_list or not all(isinstance(r, rules_module.Rule) for r in rule_list):
@@ -89,10 +90,12 @@ class EMA(nn.Module):
         self.__dict__["_model"] = unwrap(model)  # the live model: kept, never registered as a child
         copies = [None] * len(rule_list) if ema_model is None else _one_per_rule(ema_model, len(rule_list))
         selected = selection.select(self._model, include, exclude, trainable_only)
+        # Evaluation mode, for good (see train()): dropout off, BatchNorm statistics never touched.
         clones = [
-            clone_module(self._model, device, dtype, selected=selected, copy_of_model=copy, requires_grad=False)
+            clone_module(self._model, device, dtype, selected=selected, copy_of_model=copy, requires_grad=False).eval()
             for copy in copies
         ]
+        backends.check_usable(backend, {t.device.type for t in (*clones[0].parameters(), *clones[0].buffers())})
         self.module = clones[0]  # state_dict keys "module.<name>", as in timm's ModelEmaV3
         self.extra_averages = nn.ModuleList(clones[1:])
         if stochastic_rounding is None:
@@ -105,6 +108,7 @@ class EMA(nn.Module):
         selection.attach(self, self._model, self.averages, selected)
         self._mesh = distributed.mesh_of(self.module)  # FSDP2: ranks agree on skipping (skip_nonfinite)
         self._stored: list[torch.Tensor] | None = None
+        self.__dict__["_swapped"] = None  # the model that holds the average inside swap(); not a child
 
     @property
     def averages(self) -> list[nn.Module]:
@@ -118,12 +122,33 @@ class EMA(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
 
+    def train(self, mode: bool = True) -> EMA:
+        """Sets the wrapper's mode; the averages stay in evaluation mode, as timm's ModelEmaV3 keeps them."""
+        super().train(mode)
+        for average in self.averages:
+            average.eval()
+        return self
+
     def _apply(self, fn: Callable, recurse: bool = True) -> EMA:
         # .to() / .half() on the average must not move or cast the live model's shared parameters.
         return super()._apply(selection.sparing_shared(self, fn), recurse)
 
     def _live(self, model: nn.Module | None) -> nn.Module:
-        return self._model if model is None else unwrap(model)
+        if model is not None:
+            return unwrap(model)
+        if self._model is None:
+            raise RuntimeError(
+                "this EMA has no model to read: it is a copy (deepcopy, pickle or torch.save keep only "
+                "the averages); pass the model, e.g. ema.update(model)"
+            )
+        return self._model
+
+    def _check_not_swapped(self, method: str) -> None:
+        if self._swapped is not None:
+            raise RuntimeError(
+                f"{method}() cannot run inside `with ema.swap(...)`: the model holds the averaged weights "
+                f"there, not the training ones; call {method}() after the block"
+            )
 
     @torch.no_grad()
     def update(self, model: nn.Module | None = None, step: int | None = None) -> None:
@@ -133,6 +158,7 @@ class EMA(nn.Module):
         counted. Steps before ``update_after_step`` copy the model; after it, steps that are not
         a multiple of ``update_every`` are skipped.
         """
+        self._check_not_swapped("update")
         if step is None:
             step = self.step
         elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -163,18 +189,21 @@ class EMA(nn.Module):
     @torch.no_grad()
     def copy_to(self, model: nn.Module | None = None, index: int = 0) -> None:
         """Write the averaged weights into ``model`` (default: the model given at construction)."""
+        self._check_not_swapped("copy_to")
         averages, live = self._pairs(model, index)
         torch._foreach_copy_(live, averages)
 
     @torch.no_grad()
     def store(self, model: nn.Module | None = None) -> None:
         """Keep a copy of the model's weights, to put back with :meth:`restore`."""
+        self._check_not_swapped("store")
         _, live = self._pairs(model, 0)
         self._stored = [tensor.clone() for tensor in live]
 
     @torch.no_grad()
     def restore(self, model: nn.Module | None = None) -> None:
         """Put back the weights saved by :meth:`store`."""
+        self._check_not_swapped("restore")
         if self._stored is None:
             raise RuntimeError("restore() needs a store() first")
         _, live = self._pairs(model, 0)
@@ -183,30 +212,73 @@ class EMA(nn.Module):
 
     @contextlib.contextmanager
     def swap(self, model: nn.Module | None = None, index: int = 0) -> Iterator[nn.Module]:
-        """Put the averaged weights into ``model`` for the ``with`` body, then the training ones back.
+        """Run ``model`` with the averaged weights for the ``with`` body, then put the training ones back.
 
-        Tensors of the same dtype and device are exchanged in place, one tensor at a time, so no
-        second copy of the model is made; the training weights come back bit for bit, also when
-        the body raises. (Where the average has another dtype or device than the model, those
-        tensors' training values are kept aside for the duration.)
+        A model tensor of the average's dtype, device and strides is pointed at the average's
+        memory for the block (``tensor.data = average``): nothing is copied, and the training
+        weights come back bit for bit, also when the body raises, also for tied or aliased
+        parameters. Other tensors (another dtype or device, FSDP2 shards) get a copy of the average,
+        their training values kept aside. Inside the block ``ema.module``, ``ema(x)`` and
+        ``ema.state_dict()`` still give the average; ``update``, ``copy_to``, ``store``,
+        ``restore``, ``load_state_dict`` and a nested ``swap`` raise RuntimeError. Writes into the
+        model during the block (BatchNorm statistics in training mode) reach the shared average.
+        The model's train/eval mode is left as it is.
+
+        Example::
+
+            with ema.swap(model):
+                accuracy = evaluate(model)
         """
+        self._check_not_swapped("swap")
         live_model = self._live(model)
         averages, live = self._pairs(live_model, index)
-        same = [(a, m) for a, m in zip(averages, live) if a.dtype == m.dtype and a.device == m.device]
-        other = [(a, m) for a, m in zip(averages, live) if a.dtype != m.dtype or a.device != m.device]
+        pointed, kept = [], []
         with torch.no_grad():
-            kept = [m.clone() for _, m in other]
-            _exchange_(same)
-            for average, tensor in other:
+            for average, tensor in zip(averages, live):
+                if (average.dtype == tensor.dtype and average.device == tensor.device
+                        and average.stride() == tensor.stride()
+                        and not distributed.is_dtensor(tensor) and not distributed.is_dtensor(average)):
+                    pointed.append((tensor, tensor.data, average))
+                else:
+                    kept.append((tensor, tensor.clone(), average))  # every clone before any write: aliases
+            for tensor, _, average in pointed:
+                tensor.data = average.data
+            for tensor, _, average in kept:
                 tensor.copy_(average)
+        self.__dict__["_swapped"] = live_model
         try:
             yield live_model
         finally:
             with torch.no_grad():
                 distributed.reshard_(live_model)  # FSDP2: no gathered copy of the average may outlive the body
-                _exchange_(same)
-                for (_, tensor), saved in zip(other, kept):
-                    tensor.copy_(saved)
+                for tensor, training, _ in pointed:
+                    tensor.data = training
+                for tensor, training, _ in kept:
+                    tensor.copy_(training)
+            self.__dict__["_swapped"] = None
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Load averages and counters saved by :meth:`state_dict`; all or nothing.
+
+        Missing or unexpected keys (with ``strict``), a wrong shape or another number of averages
+        raise before anything is written, so the EMA is left exactly as it was.
+        """
+        self._check_not_swapped("load_state_dict")
+        check_loadable(self, state_dict, strict)
+        if "_extra_state" in state_dict:
+            self._parse_extra_state(state_dict["_extra_state"])
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy holds the averages and counters, not the live model (item: copying copies the average).
+        return {**self.__dict__, "_model": None, "_swapped": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        parameters = dict(self.named_parameters(remove_duplicate=False))
+        shared = [parameters[key] for key in getattr(self, "_shared_keys", ()) if key in parameters]
+        for average in self.averages:
+            pack_(average, skip=shared)  # a copy's tensors arrive as separate allocations: one block again
 
     def get_extra_state(self) -> dict[str, Any]:
         return {
@@ -217,15 +289,26 @@ class EMA(nn.Module):
             "rules": [rule.state_dict() for rule in self.rules],
         }
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
+    def _parse_extra_state(self, state: dict[str, Any]) -> tuple[list[rules_module.Rule], dict[str, int]]:
+        """The rules and counters ``state`` describes, checked, without changing this EMA."""
         if len(state["rules"]) != len(self.rules):
             raise ValueError(f"checkpoint has {len(state['rules'])} averages, this EMA keeps {len(self.rules)}")
-        for rule, rule_state in zip(self.rules, state["rules"]):
+        loaded = copy.deepcopy(self.rules)
+        for rule, rule_state in zip(loaded, state["rules"]):
             rule.load_state_dict(rule_state)
-        self.step = state["step"]
-        self.num_updates = state["num_updates"]
-        self.skipped_updates = state.get("skipped_updates", 0)
-        self.seed = state["seed"]
+        counters = {"step": state["step"], "num_updates": state["num_updates"],
+                    "skipped_updates": state.get("skipped_updates", 0), "seed": state["seed"]}
+        for name, value in counters.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"checkpoint's {name} must be an int >= 0, got {value!r}")
+        return loaded, counters
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        loaded, counters = self._parse_extra_state(state)
+        for rule, loaded_rule in zip(self.rules, loaded):
+            vars(rule).update(vars(loaded_rule))
+        for name, value in counters.items():
+            setattr(self, name, value)
 
 
 def _one_per_rule(ema_model: nn.Module | Sequence[nn.Module], count: int) -> list[nn.Module]:
@@ -238,10 +321,3 @@ def _one_per_rule(ema_model: nn.Module | Sequence[nn.Module], count: int) -> lis
         )
     return copies
 
-
-def _exchange_(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Swap the values of each pair in place through a temporary the size of one tensor."""
-    for first, second in pairs:
-        temporary = first.clone()
-        first.copy_(second)
-        second.copy_(temporary)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from fused_ema import backends
-from fused_ema.plan import Plan, check_pairs, check_weights
+from fused_ema.plan import Plan, check_pairs, check_weights, is_rounded_stochastically
 from fused_ema.rounding import rounding_key
 
 
@@ -95,10 +95,11 @@ def _traced_multi_lerp_(average_sets, models, weights, backend, rounding_keys) -
     from fused_ema.backends.reference import lerp_pair_
 
     check_pairs(average_sets, models)
+    _copy_weight_one_(average_sets, models, weights, rounding_keys, rounded=True)
     fused, per_pair = [], []
     for index, model in enumerate(models):
         averages = [average_set[index] for average_set in average_sets]
-        if not model.is_floating_point():
+        if not (model.is_floating_point() or model.is_complex()):
             for average in averages:
                 average.copy_(model)
         elif (backend not in ("reference", "foreach") and _has_fused_op(model.device.type)
@@ -116,3 +117,15 @@ def _traced_multi_lerp_(average_sets, models, weights, backend, rounding_keys) -
         for set_index, weight in enumerate(weights):
             key = None if rounding_keys is None else rounding_keys[set_index]
             lerp_pair_(average_sets[set_index][index], models[index], weight, key, index)
+    _copy_weight_one_(average_sets, models, weights, rounding_keys, rounded=False)
+
+
+def _copy_weight_one_(average_sets, models, weights, rounding_keys, rounded: bool) -> None:
+    """Weight 1 is a copy, as in Plan._run: before the update for stochastically rounded pairs, after for the rest."""
+    for set_index, weight in enumerate(weights):
+        if weight != 1.0:
+            continue
+        pairs = [(average, model) for average, model in zip(average_sets[set_index], models)
+                 if is_rounded_stochastically(average.dtype, model.dtype, rounding_keys) == rounded]
+        if pairs:
+            torch._foreach_copy_([average for average, _ in pairs], [model for _, model in pairs])

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import collections
 import copy
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -121,6 +122,18 @@ def _deepcopy(model: nn.Module, shared: dict[int, torch.Tensor]) -> nn.Module:
         ) from error
 
 
+# Every packed tensor starts at a multiple of this many bytes: vector loads (16 bytes in the CUDA
+# kernel, Triton's all-or-nothing "aligned") stay on after an odd-sized tensor.
+PACK_ALIGNMENT = 16
+
+
+def _carve():
+    """The extension's ``carve`` (csrc/pack.cpp), or None when the extension is not available."""
+    from fused_ema import ops  # loads (or compiles once) the extension
+
+    return None if ops._C is None else getattr(ops._C, "carve", None)
+
+
 @torch.no_grad()
 def _adopt(copy_of_model: nn.Module, model: nn.Module, shared: dict[int, torch.Tensor]) -> nn.Module:
     """``copy_of_model``, checked against ``model`` name by name, with the model's values (but
@@ -155,13 +168,23 @@ def _share_(clone: nn.Module, model: nn.Module, candidates: dict[int, torch.Tens
 
 @torch.no_grad()
 def pack_(module: nn.Module, skip: Iterable[torch.Tensor] = ()) -> nn.Module:
-    """Move the floating parameters and buffers of ``module`` into one flat buffer per device and dtype.
+    """Move the floating parameters and buffers of ``module`` into one block per device and dtype.
 
-    Each tensor becomes a view of its buffer with its own shape and strides, so nothing else
-    changes; the kernels then stream through one contiguous block instead of thousands of small
-    allocations (the many-small-tensors case runs near the speed of one flat lerp_). Tensors in
-    ``skip`` (the live model's, shared with an average of part of it) stay where they are.
+    Each tensor keeps its shape and strides and starts at a multiple of ``PACK_ALIGNMENT`` bytes;
+    the kernels then stream through one contiguous block instead of thousands of small
+    allocations (the many-small-tensors case runs near the speed of one flat lerp_). Each tensor
+    owns a storage of exactly its bytes inside the block (``carve`` in csrc/pack.cpp), so saving,
+    pickling or copying one tensor writes that tensor only. Without the C++ extension the tensors
+    stay as they are (separate allocations). Tensors in ``skip`` (the live model's, shared with an
+    average of part of it) stay where they are.
+
+    Example::
+
+        average = pack_(copy.deepcopy(model))
     """
+    carve = _carve()
+    if carve is None:
+        return module
     skipped = {id(t) for t in skip}  # shared with the live model: not ours to move
     unique = {id(t): t for t in (*module.parameters(), *module.buffers())}  # tied weights once
     tensors = [t for key, t in unique.items() if key not in skipped]
@@ -174,19 +197,69 @@ def pack_(module: nn.Module, skip: Iterable[torch.Tensor] = ()) -> nn.Module:
         if tensor.is_floating_point() and is_dense(tensor) and alone and tensor.numel():
             groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
     for (device, dtype), members in groups.items():
-        flat = torch.empty(sum(t.numel() for t in members), device=device, dtype=dtype)
-        offset = 0
+        itemsize = members[0].element_size()
+        step = max(1, PACK_ALIGNMENT // itemsize)  # elements per alignment unit
+        offsets, end = [], 0
         for tensor in members:
-            view = flat.as_strided(tensor.shape, tensor.stride(), offset)
-            view.copy_(tensor)
-            tensor.data = view
-            offset += tensor.numel()
+            offsets.append(end)
+            end += -(-tensor.numel() // step) * step
+        block = torch.empty(end, device=device, dtype=dtype)
+        for tensor, offset in zip(members, offsets):
+            carved = carve(block, offset * itemsize, list(tensor.shape), list(tensor.stride()))
+            carved.copy_(tensor)
+            tensor.data = carved
     return module
 
 
 def _named(module: nn.Module, buffers: bool) -> dict[str, torch.Tensor]:
-    named = module.named_buffers() if buffers else module.named_parameters()
-    return dict(named)
+    if not buffers:
+        return dict(module.named_parameters())
+    # Non-persistent buffers (rotary caches that grow with the sequence) are no part of the
+    # average, as they are no part of state_dict(): neither averaged nor copied (timm's ModelEmaV3).
+    persistent = {
+        id(buffer)
+        for submodule in module.modules()
+        for name, buffer in submodule._buffers.items()
+        if buffer is not None and name not in submodule._non_persistent_buffers_set
+    }
+    return {name: buffer for name, buffer in module.named_buffers() if id(buffer) in persistent}
+
+
+def check_loadable(module: nn.Module, state_dict: Mapping[str, Any], strict: bool) -> None:
+    """Raise RuntimeError, before anything is written, where ``module.load_state_dict`` would fail.
+
+    torch's ``load_state_dict`` copies every tensor it can and reports missing keys or a wrong
+    shape only at the end; the wrappers check first, so a failed load changes nothing.
+    """
+    # The module's own load pre-hooks first, on a copy (a selection check, a format conversion):
+    # their errors come first, and what is checked here is what will be loaded.
+    state_dict = collections.OrderedDict(state_dict)
+    for hook in module._load_state_dict_pre_hooks.values():
+        hook(state_dict, "", {}, strict, [], [], [])
+    own = {key: value for key, value in module.state_dict(keep_vars=True).items()
+           if isinstance(value, torch.Tensor) or key.endswith("_extra_state")}  # not metadata entries
+    problems = []
+    if strict:
+        missing = [key for key in own if key not in state_dict]
+        unexpected = [key for key in state_dict if key not in own]
+        if missing:
+            problems.append("Missing key(s) in state_dict: " + ", ".join(map(repr, missing)))
+        if unexpected:
+            problems.append("Unexpected key(s) in state_dict: " + ", ".join(map(repr, unexpected)))
+    for key, tensor in own.items():
+        if key not in state_dict or not isinstance(tensor, torch.Tensor):
+            continue
+        incoming = state_dict[key]
+        if not isinstance(incoming, torch.Tensor):
+            problems.append(f"{key!r} is a {type(incoming).__name__} in the checkpoint, a tensor here")
+        elif incoming.shape != tensor.shape:
+            problems.append(f"size mismatch for {key}: copying a param with shape {tuple(incoming.shape)} "
+                            f"from checkpoint, the shape here is {tuple(tensor.shape)}")
+    if problems:
+        raise RuntimeError(
+            f"Error(s) in loading state_dict for {type(module).__name__} (nothing was loaded):\n\t"
+            + "\n\t".join(problems)
+        )
 
 
 def pair_by_name(
@@ -270,7 +343,7 @@ class Binding:
         averages, models = pair_by_name(self.averaged[index], model, buffers=False, selected=self.selected)
         if self.average_buffers:
             buffers, model_buffers = pair_by_name(self.averaged[index], model, buffers=True)
-            floating = [i for i, b in enumerate(buffers) if b.is_floating_point()]
+            floating = [i for i, b in enumerate(buffers) if b.is_floating_point() or b.is_complex()]
             averages += [buffers[i] for i in floating]
             models += [model_buffers[i] for i in floating]
         return averages, models

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from fused_ema import backends
+from fused_ema.rules import check_unit
 
 
 class StalePlanError(RuntimeError):
@@ -90,6 +91,11 @@ def check_pairs(average_sets: Sequence[Sequence[torch.Tensor]], models: Sequence
                     f"{name}[{index}] is {_describe(average)} but models[{index}] is {_describe(model)}: "
                     "shapes must match"
                 )
+            if model.is_complex() != average.is_complex():
+                raise TypeError(
+                    f"{name}[{index}] is {_describe(average)} but models[{index}] is {_describe(model)}: "
+                    "a complex tensor needs a complex average, a real one a real average"
+                )
             if model.is_floating_point() and not average.is_floating_point():
                 raise TypeError(
                     f"{name}[{index}] is {_describe(average)}: an average of a floating-point tensor "
@@ -107,19 +113,15 @@ def check_pairs(average_sets: Sequence[Sequence[torch.Tensor]], models: Sequence
                 )
 
 
+def is_rounded_stochastically(average_dtype: torch.dtype, model_dtype: torch.dtype,
+                              rounding_keys: Sequence[int] | None) -> bool:
+    """Whether a pair's result is rounded stochastically, not to nearest (bfloat16 from a wider model)."""
+    return rounding_keys is not None and average_dtype == torch.bfloat16 and model_dtype != torch.bfloat16
+
+
 def check_weights(weights: Sequence[float]) -> list[float]:
-    checked = []
-    for weight in weights:
-        if isinstance(weight, torch.Tensor):
-            raise TypeError(
-                "weight must be a Python float, not a tensor: reading a device tensor back would "
-                "synchronise; compute the weight on the host (see fused_ema.rules)"
-            )
-        weight = float(weight)
-        if not 0.0 <= weight <= 1.0:  # also rejects nan
-            raise ValueError(f"weight must be in [0, 1], got {weight}")
-        checked.append(weight)
-    return checked
+    """Each weight as a float in [0, 1] (``rules.check_unit``: one validator for every number)."""
+    return [check_unit("weight", weight) for weight in weights]
 
 
 class Plan:
@@ -153,7 +155,7 @@ class Plan:
         copy_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         for index, model in enumerate(self.models):
             averages = [average_set[index] for average_set in self.average_sets]
-            if not model.is_floating_point():
+            if not (model.is_floating_point() or model.is_complex()):  # complex is averaged, as in torch
                 copy_pairs.extend((average, model) for average in averages)
                 continue
             first = averages[0]
@@ -201,8 +203,21 @@ class Plan:
     def _run(self, weights: list[float], rounding_keys: Sequence[int] | None) -> None:
         if any(group.backend.is_stale(group) for group in self.groups):
             raise StalePlanError
+        # Weight 1 is a copy: lerp's end - (end - average) * 0 keeps a NaN or inf of the average
+        # (a fresh to_empty() average, say), where a copy gives exactly the model's values. A
+        # stochastically rounded bfloat16 average of a wider model is copied first and then run
+        # through the kernel, which rounds the model's value stochastically, as it always did.
+        copied = [index for index, weight in enumerate(weights) if weight == 1.0]
         for group in self.groups:
-            group.backend.lerp_(group, weights, rounding_keys)
+            rounded = is_rounded_stochastically(group.average_dtype, group.model_dtype, rounding_keys)
+            if rounded:
+                for index in copied:
+                    torch._foreach_copy_(group.averages[index], group.models)
+            if rounded or len(copied) < len(weights):
+                group.backend.lerp_(group, weights, rounding_keys)
+            if not rounded:
+                for index in copied:
+                    torch._foreach_copy_(group.averages[index], group.models)
         self.copy_()
 
     @torch.no_grad()
@@ -217,6 +232,7 @@ class Plan:
         # Empty tensors (an FSDP2 rank's share of a short parameter) are finite, and the inf-norm
         # of an empty tensor is an error: leave them out.
         model_lists = [[m for m in group.models if m.numel()] for group in self.groups]
+        model_lists.append([s for s in self.copy_sources if (s.is_floating_point() or s.is_complex()) and s.numel()])
         flags = [
             torch.stack(torch._foreach_norm(models, float("inf"))).isfinite().all()
             for models in model_lists

@@ -11,19 +11,52 @@ no tensors, so computing a weight never touches a device. A new rule is a subcla
 
 from __future__ import annotations
 
+import inspect
 import math
+import numbers
 from typing import Any
 
+import torch
 
-def _check_unit(name: str, value: float) -> float:
-    value = float(value)
-    if not 0.0 <= value <= 1.0:  # also rejects nan
+
+def check_number(name: str, value: Any) -> float:
+    """``value`` as a Python float: a float, an int, a numpy scalar or a 0-d CPU tensor (read once).
+
+    Strings, bools, None and tensors on other devices (reading one back would synchronise) raise a
+    TypeError naming ``name``. The one type check every number the
+    library takes goes through (decays, rule hyperparameters, ``lerp_``'s weight).
+
+    Example::
+
+        check_number("decay", numpy.float32(0.999))  # 0.9990000128746033
+    """
+    if type(value) is float:
+        number = value
+    elif isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.device.type != "cpu" or value.dtype == torch.bool or value.is_complex():
+            raise TypeError(
+                f"{name} must be a Python float or a 0-d real CPU tensor, got a {value.dim()}-d "
+                f"{str(value.dtype).replace('torch.', '')} tensor on {value.device}: reading a device "
+                "tensor back would synchronise; compute it on the host (see fused_ema.rules)"
+            )
+        number = float(value.item())
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy scalars are Reals
+        number = float(value)
+    else:
+        raise TypeError(f"{name} must be a real number (float, int, numpy scalar or 0-d CPU tensor), got {value!r}")
+    return number  # NaN passes here: every range check below rejects it, naming the range
+
+
+def check_unit(name: str, value: Any) -> float:
+    """``check_number`` and ``0 <= value <= 1``, else ValueError naming ``name``."""
+    value = check_number(name, value)
+    if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
     return value
 
 
-def _check_positive(name: str, value: float) -> float:
-    value = float(value)
+def _check_positive(name: str, value: Any) -> float:
+    value = check_number(name, value)
     if not value > 0.0:
         raise ValueError(f"{name} must be > 0, got {value}")
     return value
@@ -53,10 +86,21 @@ class Rule:
         return {"rule": type(self).__name__, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the hyperparameters of :meth:`state_dict`; the rule is unchanged if this raises.
+
+        When they are the constructor's arguments, a fresh rule is built from them (which
+        validates them); otherwise (a rule with derived attributes, ``self.span = end - start``)
+        they are set as they were saved.
+        """
         state = dict(state)
         name = state.pop("rule", type(self).__name__)
         if name != type(self).__name__:
             raise ValueError(f"this state belongs to rule {name}, not {type(self).__name__}")
+        try:
+            inspect.signature(type(self)).bind(**state)
+        except TypeError:
+            vars(self).update(state)
+            return
         fresh = type(self)(**state)  # re-validates
         vars(self).update(vars(fresh))
 
@@ -72,7 +116,7 @@ class EMA(Rule):
     """Constant decay: ``w = 1 - decay`` (ModelEmaV2 in timm, torch's ``get_ema_multi_avg_fn``)."""
 
     def __init__(self, decay: float = 0.9999) -> None:
-        self.decay = _check_unit("decay", decay)
+        self.decay = check_unit("decay", decay)
 
     def weight(self, step: int) -> float:
         return 1.0 - self.decay
@@ -87,10 +131,10 @@ class WarmupEMA(Rule):
     """
 
     def __init__(self, decay: float = 0.9999, inv_gamma: float = 1.0, power: float = 2 / 3, min_decay: float = 0.0) -> None:
-        self.decay = _check_unit("decay", decay)
+        self.decay = check_unit("decay", decay)
         self.inv_gamma = _check_positive("inv_gamma", inv_gamma)
         self.power = _check_positive("power", power)
-        self.min_decay = _check_unit("min_decay", min_decay)
+        self.min_decay = check_unit("min_decay", min_decay)
         if self.min_decay > self.decay:
             raise ValueError(f"min_decay ({min_decay}) must not exceed decay ({decay})")
 
@@ -106,7 +150,7 @@ class RampEMA(Rule):
     update counter already counts the update being made)."""
 
     def __init__(self, decay: float = 0.9999, tau: float = 2000.0) -> None:
-        self.decay = _check_unit("decay", decay)
+        self.decay = check_unit("decay", decay)
         self.tau = _check_positive("tau", tau)
 
     def weight(self, step: int) -> float:
@@ -119,7 +163,7 @@ class BiasCorrectedEMA(Rule):
     ``(1 - beta) / (1 - beta^(step + 1))`` (1 at the first update: no pull towards the initial copy)."""
 
     def __init__(self, decay: float = 0.999) -> None:
-        self.decay = _check_unit("decay", decay)
+        self.decay = check_unit("decay", decay)
 
     def weight(self, step: int) -> float:
         if self.decay == 1.0:
@@ -142,7 +186,7 @@ class TADEMA(Rule):
     """
 
     def __init__(self, alpha: float = 0.999) -> None:
-        self.alpha = _check_unit("alpha", alpha)
+        self.alpha = check_unit("alpha", alpha)
 
     def weight(self, step: int) -> float:
         return 1.0 - self.alpha * math.tanh(step)
@@ -181,11 +225,11 @@ class PowerEMA(Rule):
             raise ValueError("give exactly one of gamma or sigma_rel")
         if sigma_rel is not None:
             gamma = sigma_rel_to_gamma(sigma_rel)
-        gamma = float(gamma)
+        gamma = check_number("gamma", gamma)
         if not gamma > -1.0:
             raise ValueError(f"gamma must be > -1, got {gamma}")
         self.gamma = gamma
-        self.sigma_rel = None if sigma_rel is None else float(sigma_rel)
+        self.sigma_rel = None if sigma_rel is None else check_number("sigma_rel", sigma_rel)
 
     def weight(self, step: int) -> float:
         return 1.0 - (1.0 - 1.0 / (step + 1)) ** (self.gamma + 1.0)

@@ -119,6 +119,7 @@ def _source_tree(tmp_path: Path, ops_source: str) -> Path:
     (tree / "csrc" / "cpu").mkdir(parents=True)
     (tree / "csrc" / "ops.cpp").write_text(ops_source)
     (tree / "csrc" / "tensor_watch.cpp").write_text("")
+    (tree / "csrc" / "pack.cpp").write_text("")
     return tree
 
 
@@ -126,7 +127,7 @@ def _setup(tree: Path, *arguments: str, **environment: str) -> subprocess.Comple
     env = {key: value for key, value in os.environ.items() if key != build_config.NO_EXTENSION_VARIABLE}
     env.update(environment)
     return subprocess.run([sys.executable, "setup.py", *arguments], cwd=tree, capture_output=True, text=True,
-                          env=env, timeout=600)
+                          env=env, timeout=600, check=False)
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="needs a C++ compiler")
@@ -138,11 +139,35 @@ def test_a_compile_error_fails_the_build_with_the_compilers_message(tmp_path):
     assert not list((tree / "fused_ema").glob("_C*"))
 
 
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="needs a C++ compiler")
+def test_a_build_for_another_torch_is_rebuilt_not_kept(tmp_path):
+    """setuptools skips an extension newer than its sources; setup.py must not keep one built for another torch."""
+    tree = _source_tree(tmp_path, "int fused_ema_test_symbol() { return 1; }\n")
+    first = _setup(tree, "build_ext", "--inplace")
+    assert first.returncode == 0, first.stdout + first.stderr
+    record = build_config.read_record(tree / "fused_ema")
+    assert record["torch"] == torch.__version__ and record["extension"].startswith("_C")
+    directories = [path.parent for path in tree.glob("build/lib*/fused_ema/_C*")] + [tree / "fused_ema"]
+    assert len(directories) == 2
+    built = next(tree.glob("build/lib*/fused_ema/_C*"))
+    unchanged = _setup(tree, "build_ext", "--inplace")  # the control: up to date, so setuptools skips it
+    assert unchanged.returncode == 0 and next(tree.glob("build/lib*/fused_ema/_C*")).stat().st_mtime_ns == built.stat().st_mtime_ns
+    before = built.stat().st_mtime_ns
+    for directory in directories:  # as if built by another torch
+        build_config.write_record(directory, {**record, "torch": "2.0.0"})
+    again = _setup(tree, "build_ext", "--inplace")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert built.stat().st_mtime_ns != before  # linked again, not skipped as up to date
+    for directory in directories:
+        assert build_config.read_record(directory)["torch"] == torch.__version__
+
+
 def test_without_torch_the_build_stops_and_says_what_to_do(tmp_path):
     tree = _source_tree(tmp_path, "")
     code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['setup.py', 'build_ext']; "
             "runpy.run_path('setup.py', run_name='__main__')")
-    completed = subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True, text=True, timeout=300)
+    completed = subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True, text=True, timeout=300,
+                               check=False)
     assert completed.returncode != 0
     assert "torch is not importable" in completed.stderr
     assert "--no-build-isolation" in completed.stderr and build_config.NO_EXTENSION_VARIABLE in completed.stderr
@@ -179,7 +204,7 @@ def _run(site: Path, code: str, **environment: str) -> subprocess.CompletedProce
     env["PYTHONPATH"] = str(site)
     env.update(environment)
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=site, capture_output=True, text=True,
-                          env=env, timeout=300)
+                          env=env, timeout=300, check=False)
 
 
 PROBE = """

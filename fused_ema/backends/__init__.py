@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -138,6 +138,46 @@ def check_name(name: str) -> str:
     return name
 
 
+def requested(name: str) -> str:
+    """``name``, with "auto" replaced by the ``FUSED_EMA_BACKEND`` environment variable when set.
+
+    An invalid value of the variable raises a ValueError naming it.
+    """
+    check_name(name)
+    if name == "auto":
+        name = os.environ.get(ENVIRONMENT_VARIABLE, "auto")
+        if name not in NAMES:
+            raise ValueError(
+                f"{ENVIRONMENT_VARIABLE}={name!r} is not a backend: backend must be one of "
+                f"{', '.join(map(repr, NAMES))}; unset it to let 'auto' choose"
+            )
+    return name
+
+
+def check_usable(name: str, device_types: Iterable[str]) -> str:
+    """Raise now what the first update would raise for ``name`` on tensors of ``device_types``.
+
+    For the wrappers' constructors: an invalid ``FUSED_EMA_BACKEND`` (ValueError), a named backend
+    that cannot run on this machine, or not on these devices (RuntimeError, with the fix).
+    Returns ``name`` unchanged.
+    """
+    chosen = requested(name)
+    if chosen == "auto":
+        return name
+    backend = get(chosen)
+    reason = backend.unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"backend {chosen!r} is not available: {reason}")
+    for device_type in sorted(set(device_types)):
+        if backend.device_types is not None and device_type not in backend.device_types:
+            raise RuntimeError(
+                f"backend {chosen!r} cannot update these tensors: it runs on "
+                f"{' or '.join(backend.device_types)} tensors, the average is on {device_type}; "
+                "use backend='auto' or 'foreach'"
+            )
+    return name
+
+
 def status() -> dict[str, str | None]:
     """Every backend name -> None if it can run on this machine, else the reason and the fix."""
     return {name: get(name).unavailable_reason() for name in _MODULES}
@@ -156,13 +196,7 @@ def resolve(name: str, group: Group) -> Backend:
     cannot run here raises RuntimeError; one that runs here but not on this group (strided views,
     say) hands the group to foreach, which gives the same result, and warns once.
     """
-    if name == "auto":
-        name = os.environ.get(ENVIRONMENT_VARIABLE, "auto")
-        if name not in NAMES:
-            raise ValueError(
-                f"{ENVIRONMENT_VARIABLE}={name!r} is not a backend: backend must be one of "
-                f"{', '.join(map(repr, NAMES))}; unset it to let 'auto' choose"
-            )
+    name = requested(name)
     if name == "auto":
         order = AUTO_ORDER.get(group.device.type, ("foreach",))
         for candidate in order:

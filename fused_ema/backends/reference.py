@@ -12,6 +12,8 @@ from fused_ema.rounding import memory_order_index, stochastic_round_to_bfloat16
 
 def compute_dtype(average_dtype: torch.dtype, model_dtype: torch.dtype) -> torch.dtype:
     """float64 when either side is float64, else float32: ATen's opmath type for lerp."""
+    if average_dtype.is_complex or model_dtype.is_complex:
+        return torch.promote_types(average_dtype, model_dtype)
     return torch.float64 if torch.float64 in (average_dtype, model_dtype) else torch.float32
 
 
