@@ -101,10 +101,7 @@ def clone_module(
         for name, parameter in model.named_parameters()
         if selected is not None and name not in selected and _on(target or parameter.device, parameter)
     }
-    if copy_of_model is None:
-        clone = _deepcopy(model, shared)
-    else:
-        clone = _adopt(copy_of_model, model, shared)
+    clone = _deepcopy(model, shared) if copy_of_model is None else _adopt(copy_of_model, model, shared)
     if device is not None or dtype is not None:
         clone._apply(lambda t: t if id(t) in shared else _convert(t, target, dtype))
     if copy_of_model is not None:
@@ -202,7 +199,8 @@ def pack_(module: nn.Module, skip: Iterable[torch.Tensor] = ()) -> nn.Module:
     if carve is None:
         return module
     skipped = {id(t) for t in skip}  # shared with the live model: not ours to move
-    tensors = [t for t in {id(t): t for t in (*module.parameters(), *module.buffers())}.values() if id(t) not in skipped]
+    unique = {id(t): t for t in (*module.parameters(), *module.buffers())}  # tied weights once
+    tensors = [t for key, t in unique.items() if key not in skipped]
     storages = collections.Counter(t.untyped_storage().data_ptr() for t in tensors)
     groups: dict[tuple, list[torch.Tensor]] = {}
     for tensor in tensors:

@@ -178,10 +178,11 @@ def _check_selection(owner: nn.Module, state_dict: dict, prefix: str, *_args) ->
     if mine != theirs:
         order = [*owner._parameter_names, *(n for n in (saved or ()) if n not in owner._parameter_names)]
         name = next(n for n in order if (n in mine) != (n in theirs))
+        saved_verb = "averages" if name in theirs else "does not average"
         raise SelectionMismatchError(
-            f"the checkpoint was made with another selection: it {'averages' if name in theirs else 'does not average'} "
-            f"parameter {name!r}, this {type(owner).__name__} {'does' if name in mine else 'does not'}; build the "
-            "average with the include=/exclude=/trainable_only= the checkpoint was saved with"
+            f"the checkpoint was made with another selection: it {saved_verb} parameter {name!r}, this "
+            f"{type(owner).__name__} {'does' if name in mine else 'does not'}; build the average with the "
+            "include=/exclude=/trainable_only= the checkpoint was saved with"
         )
     owner._loading_prefix = prefix  # for _forgive_unselected, which torch calls without it
 

@@ -21,7 +21,8 @@ def result():
 
 def test_a_new_adapter_computes_exactly_what_its_base_did():
     torch.manual_seed(0)
-    for base, inputs in ((nn.Linear(5, 3), torch.randn(4, 5)), (nn.Conv2d(2, 3, 3, padding=1), torch.randn(1, 2, 6, 6))):
+    cases = [(nn.Linear(5, 3), torch.randn(4, 5)), (nn.Conv2d(2, 3, 3, padding=1), torch.randn(1, 2, 6, 6))]
+    for base, inputs in cases:
         expected = base(inputs)
         layer = lora.LoRA(base, rank=2)
         assert torch.equal(layer(inputs), expected)

@@ -9,12 +9,13 @@ import threading
 
 import pytest
 import torch
-from models import small_cnn, train_steps
 from torch import nn
 from torch.optim import swa_utils
 
 import fused_ema
 from fused_ema.selection import SelectionMismatchError
+
+from models import small_cnn, train_steps
 
 
 class LoRALinear(nn.Module):
@@ -177,6 +178,22 @@ def test_swap_exchanges_only_the_selected_tensors_and_survives_an_exception():
         assert model.get_parameter(name)._version == version, name  # swap never touched them
 
 
+def test_store_copy_to_restore_touch_only_the_selected_tensors():
+    model = lora_model()
+    ema = fused_ema.EMA(model, decay=0.5, include="*.lora_*", include_buffers=False)
+    train(model, 2, ema)
+    training = {name: p.detach().clone() for name, p in model.named_parameters()}
+    frozen = {name: model.get_parameter(name)._version for name in training if name not in ADAPTERS}
+    ema.store()
+    ema.copy_to()
+    for name in ADAPTERS:
+        assert torch.equal(model.get_parameter(name), ema.module.get_parameter(name))
+    ema.restore()
+    for name, tensor in training.items():
+        assert torch.equal(model.get_parameter(name), tensor), name
+    assert {name: model.get_parameter(name)._version for name in frozen} == frozen
+
+
 def test_a_frozen_tensor_changed_later_is_seen_by_the_average():
     model = lora_model()
     ema = fused_ema.EMA(model, decay=0.5, include="*.lora_*")
@@ -215,7 +232,7 @@ def test_checkpoint_round_trip_and_a_different_selection_is_refused(wrapper):
     torch.save(saved.state_dict(), buffer)
     state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
     assert state["selection"] == TRAINABLE
-    assert not any(key.startswith("module.") and key[len("module."):] in {"0.base.weight", "3.base.bias"} for key in state)
+    assert "module.0.base.weight" not in state and "module.3.base.bias" not in state
 
     # Resume in a "new process": the same architecture with the frozen weights it was trained with.
     resumed_model = lora_model()
@@ -316,7 +333,10 @@ def test_ema_model_matches_the_reference_update():
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda copy_: copy_.body.__setitem__(4, nn.Linear(6, 4)), r"parameter 'body.4.weight' has shape \(3, 6\) in the model but \(4, 6\)"),
+        (
+            lambda copy_: copy_.body.__setitem__(4, nn.Linear(6, 4)),
+            r"parameter 'body.4.weight' has shape \(3, 6\) in the model but \(4, 6\)",
+        ),
         (lambda copy_: copy_.body[4].register_parameter("extra", nn.Parameter(torch.zeros(1))), "body.4.extra"),
         (lambda copy_: delattr(copy_.body[1], "running_var"), "buffer 'body.1.running_var'"),
     ],
@@ -325,9 +345,10 @@ def test_ema_model_matches_the_reference_update():
 def test_ema_model_that_does_not_match_names_the_first_mismatch(change, message):
     model, mine = Unpicklable(), Unpicklable()
     change(mine)
-    for make in (lambda: fused_ema.EMA(model, ema_model=mine), lambda: fused_ema.AveragedModel(model, averaged_module=mine)):
-        with pytest.raises(ValueError, match=message):
-            make()
+    with pytest.raises(ValueError, match=message):
+        fused_ema.EMA(model, ema_model=mine)
+    with pytest.raises(ValueError, match=message):
+        fused_ema.AveragedModel(model, averaged_module=mine)
 
 
 def test_ema_model_bad_arguments():
