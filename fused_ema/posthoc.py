@@ -359,7 +359,8 @@ def solve(directory: str | os.PathLike, sigma_rel: float, step: int | None = Non
     for snapshot in used:
         if snapshot.time == time_r and math.isclose(snapshot.gamma, gamma, rel_tol=1e-12):
             return Solution(sigma_rel, gamma, step, time_r, [snapshot], [1.0], 0.0)
-    as_tensor = lambda values: torch.tensor(values, dtype=torch.float64)
+    def as_tensor(values):
+        return torch.tensor(values, dtype=torch.float64)
     gammas, times = as_tensor([s.gamma for s in used]), as_tensor([float(s.time) for s in used])
     gram = power_correlation(gammas[:, None], times[:, None], gammas[None, :], times[None, :])
     target_gamma, target_time = as_tensor([gamma]), as_tensor([float(time_r)])

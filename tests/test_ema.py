@@ -9,6 +9,7 @@ import torch
 
 import fused_ema
 from fused_ema import ops, rules
+
 from models import ScalarReadCounter, small_cnn, train_steps
 
 
@@ -161,9 +162,8 @@ class TestSwap:
         model, ema = self._trained()
         training = {k: v.clone() for k, v in model.state_dict().items()}
         average = {k: v.clone() for k, v in ema.module.state_dict().items()}
-        with pytest.raises(KeyError):
-            with ema.swap():
-                raise KeyError("evaluation failed")
+        with pytest.raises(KeyError), ema.swap():
+            raise KeyError("evaluation failed")
         for name, tensor in model.state_dict().items():
             assert torch.equal(tensor, training[name]), name
         for name, tensor in ema.module.state_dict().items():

@@ -11,10 +11,11 @@ import weakref
 
 import pytest
 import torch
-from helpers import tolerance
 
 import fused_ema
 from fused_ema import functional, ops
+
+from helpers import tolerance
 
 pytestmark = pytest.mark.skipif(ops._C is None, reason=f"the C++ extension is not available: {ops.UNAVAILABLE_REASON}")
 

@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 import fused_ema
-import triton_interpreted
-from helpers import cpu_backends, tolerance
 from fused_ema import backends, rules
 from fused_ema.backends import capture
+
+import triton_interpreted
+from helpers import cpu_backends, tolerance
 
 RULES = [
     rules.EMA(0.99), rules.WarmupEMA(0.999, min_decay=0.1), rules.WarmupEMA(0.9, inv_gamma=3.0, power=0.75),

@@ -16,10 +16,11 @@ import pytest
 import torch
 
 import fused_ema
-import triton_interpreted
 from fused_ema import backends, ops
 from fused_ema.backends import chunk_table
 from fused_ema.plan import Plan
+
+import triton_interpreted
 
 pytestmark = pytest.mark.skipif(ops._C is None, reason="the C++ extension is not built")
 

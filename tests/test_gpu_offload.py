@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 import fused_ema
-from helpers import tolerance
 from fused_ema import backends
 from fused_ema.backends import foreach, offload
 from fused_ema.plan import Group, Plan
+
+from helpers import tolerance
 
 FAKE_DEVICE = torch.device("cuda", 0)  # only a label: the fake below never touches CUDA
 
@@ -187,7 +188,7 @@ def test_averaged_model_on_the_cpu_of_a_busy_gpu_model():
     model = nn.Linear(1024, 1024).cuda()
     swa = fused_ema.AveragedModel(model, device="cpu")
     total = [torch.zeros_like(p, device="cpu") for p in model.parameters()]
-    for step in range(3):
+    for _step in range(3):
         with torch.no_grad():
             _busy_gpu()
             for parameter in model.parameters():

@@ -49,7 +49,7 @@ def test_packed_average_updates_like_the_reference(backend, dtype):
     model = _odd_model(dtype)
     ours = fused_ema.EMA(model, decay=0.75, backend=backend, stochastic_rounding=False)
     oracle = fused_ema.EMA(model, decay=0.75, backend="reference", stochastic_rounding=False)
-    for step in range(3):
+    for _step in range(3):
         with torch.no_grad():
             for tensor in _floating(model):
                 tensor.add_(torch.randn_like(tensor))

@@ -13,11 +13,12 @@ import sys
 
 import pytest
 import torch
-from helpers import tolerance
 from torch import nn
 from torch.optim import swa_utils
 
 import fused_ema
+
+from helpers import tolerance
 
 
 def _model() -> nn.Module:

@@ -8,10 +8,11 @@ import pickle
 
 import pytest
 import torch
-from models import small_cnn, train_steps
 
 import fused_ema
 from fused_ema import rules
+
+from models import small_cnn, train_steps
 
 
 class Window(rules.Rule):

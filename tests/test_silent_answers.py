@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from models import ScalarReadCounter, small_cnn
 from torch import nn
 
 import fused_ema
 from fused_ema import backends, rules
+
+from models import ScalarReadCounter, small_cnn
 
 
 def _poison_(module, value):

@@ -6,10 +6,11 @@ import copy
 
 import pytest
 import torch
-from models import small_cnn, train_steps
 from torch import nn
 
 import fused_ema
+
+from models import small_cnn, train_steps
 
 
 def _bits(tensors):

@@ -169,10 +169,7 @@ def launch_(table: chunk_table.DeviceTables, model_base: torch.Tensor, average_b
     ``weights`` are floats, or a 1-d device tensor (capturable updates: no host-to-device copy).
     """
     with _on_device(table.device):
-        if isinstance(weights, torch.Tensor):
-            step_args = capture.step_args(weights)
-        else:
-            step_args = table.step_args(weights, rounding_keys)
+        step_args = capture.step_args(weights) if isinstance(weights, torch.Tensor) else table.step_args(weights, rounding_keys)
         if table.chunk_count == 0:
             return
         table.on_current_stream()
