@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from fused_ema import backends
+from fused_ema.backends import capture
 from fused_ema.plan import Plan, check_weights, traced_lerp_
 from fused_ema.rounding import rounding_key
 
@@ -75,6 +76,7 @@ def multi_lerp_(
     if torch.compiler.is_compiling():
         traced_lerp_(average_sets, models, check_weights(weights), backend, keys)
         return
+    capture.check_not_capturing()  # the fast path below must refuse a graph capture as the plan does
     name = backends.requested(backends.check_name(backend))
     weights = check_weights(weights)
     if name in ("auto", "cpu") and 1.0 not in weights:  # weight 1 is an exact copy: the plan does it
