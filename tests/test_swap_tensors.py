@@ -87,3 +87,19 @@ def test_watched_tensors_can_be_swapped_and_the_watch_notices():
     torch.utils.swap_tensors(parameter, nn.Parameter(torch.ones(5)))
     assert watch.refresh() == "stale"
     assert table.refresh() is True  # never runs on the TensorImpl it was built from
+
+
+def test_interpreted_triton_survives_swapping_conversions(monkeypatch):
+    """The triton backend's tables (run by Triton's interpreter on CPU tensors) hold no TensorImpl either."""
+    from fused_ema import backends
+
+    import triton_interpreted
+
+    interpreted = triton_interpreted.module()
+    if interpreted is None or interpreted.BACKEND.unavailable_reason() is not None:
+        pytest.skip("triton (interpreted) is not available here")
+    monkeypatch.setitem(backends._loaded, "triton", interpreted.BACKEND)
+    _, ema = _run_ema("triton")
+    _, expected = _run_ema("reference")
+    for (name, mine), want in zip(ema.module.state_dict().items(), expected.module.state_dict().values()):
+        torch.testing.assert_close(mine, want, rtol=2e-3, atol=1e-3, msg=name)
