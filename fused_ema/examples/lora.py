@@ -32,7 +32,7 @@ from fused_ema.examples.digits import (
     batches,
     evaluate,
     load_data,
-    missing_package,
+    setup_error,
 )
 from fused_ema.progress import progress
 
@@ -246,12 +246,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         import sklearn  # noqa: F401  (fail now, not after training)
     except SystemExit as exit:  # --help, or a usage error already printed by argparse
         return int(exit.code or 0)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except ImportError as error:
-        print(f"error: {missing_package(error.name or 'sklearn')}", file=sys.stderr)
-        return 1
+    except (ValueError, ImportError) as error:
+        return setup_error(error)
     result = run(settings, show_progress=not quiet)
     print("\n".join(report(result, settings)))
     return 0

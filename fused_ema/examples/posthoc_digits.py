@@ -30,7 +30,7 @@ from fused_ema.examples.digits import (
     batches,
     evaluate,
     load_data,
-    missing_package,
+    setup_error,
     shift_,
 )
 from fused_ema.progress import progress
@@ -62,13 +62,11 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     except SystemExit as exit:
         return int(exit.code or 0)
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return setup_error(error)
     try:
         data = load_data(args.train_limit)
     except ImportError as error:
-        print(f"error: {missing_package(error.name or 'sklearn')}", file=sys.stderr)
-        return 1
+        return setup_error(error)
     with tempfile.TemporaryDirectory() as scratch:
         return _run(args, data, args.directory or scratch)
 

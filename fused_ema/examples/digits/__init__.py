@@ -51,6 +51,7 @@ from fused_ema.examples.digits.data import (
     evaluate,
     load_data,
     missing_package,
+    setup_error,
     shift_,
 )
 from fused_ema.examples.digits.report import LINESTYLES, cell_width, plot, summary, table_header, table_row, to_json
@@ -130,12 +131,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
 
         if args.plot:
             import matplotlib  # noqa: F401
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except ImportError as error:
-        print(f"error: {missing_package(error.name or 'sklearn')}", file=sys.stderr)
-        return 1
+    except (ValueError, ImportError) as error:
+        return setup_error(error)
 
     labels = [label for label, _ in ema_averages(config)] + (["swa"] if "swa" in config.rules else [])
     train_size = len(load_data(config.train_limit).train_images)

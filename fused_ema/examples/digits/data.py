@@ -9,6 +9,7 @@ Example::
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,16 @@ def missing_package(module: str) -> str:
         f"the digits example needs {package}, which is not installed: pip install {package} "
         "(or pip install 'fused_ema[examples]' for everything the examples use)"
     )
+
+
+def setup_error(error: ValueError | ImportError) -> int:
+    """Print an example's set-up error (a bad option, or a missing package with its install command);
+    return the exit code: 2 for a bad option, 1 for a missing package."""
+    if isinstance(error, ImportError):
+        print(f"error: {missing_package(error.name or 'sklearn')}", file=sys.stderr)
+        return 1
+    print(f"error: {error}", file=sys.stderr)
+    return 2
 
 
 @dataclass
