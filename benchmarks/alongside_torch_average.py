@@ -9,25 +9,18 @@ update, <= 1.2x its own undisturbed time. Medians of interleaved samples; the ma
 
 from __future__ import annotations
 
-import argparse
-
-import torch
-from interleaved import medians, report
-from torch import nn
+from interleaved import medians, report, small_tensors_model, small_tensors_parser
 from torch.optim import swa_utils
 
 import fused_ema
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=4000)
-    parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=200)
+    parser = small_tensors_parser(__doc__.splitlines()[0])
     parser.add_argument("--backend", default="auto")
     args = parser.parse_args()
 
-    model = nn.ParameterList(nn.Parameter(torch.randn(args.length)) for _ in range(args.count))
+    model = small_tensors_model(args)
     ema = fused_ema.get_ema_multi_avg_fn(0.999)
     fused = fused_ema.AveragedModel(model, multi_avg_fn=ema, backend=args.backend)
     torch_average = swa_utils.AveragedModel(model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(0.999))

@@ -8,24 +8,18 @@ the undisturbed update. Medians of interleaved samples; the machine may be share
 
 from __future__ import annotations
 
-import argparse
-
-import torch
-from interleaved import medians, report
+from interleaved import medians, report, small_tensors_model, small_tensors_parser
 from torch import nn
 
 import fused_ema
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=4000)
-    parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=200)
+    parser = small_tensors_parser(__doc__.splitlines()[0])
     parser.add_argument("--backend", default="auto")
     args = parser.parse_args()
 
-    model = nn.ParameterList(nn.Parameter(torch.randn(args.length)) for _ in range(args.count))
+    model = small_tensors_model(args)
     ema = fused_ema.EMA(model, decay=0.999, backend=args.backend)
     kept = []
 

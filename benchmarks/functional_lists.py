@@ -9,19 +9,14 @@ machine may be shared.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from interleaved import medians, report
+from interleaved import medians, report, small_tensors_parser
 
 import fused_ema
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=4000)
-    parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=200)
+    parser = small_tensors_parser(__doc__.splitlines()[0])
     args = parser.parse_args()
 
     models = [torch.randn(args.length) for _ in range(args.count)]

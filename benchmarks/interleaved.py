@@ -8,12 +8,14 @@ Garbage collection is off while timing.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 
 def medians(
@@ -58,3 +60,17 @@ def report(title: str, times: dict[str, float], ratios: list[tuple[str, str, str
         print(f"  {name:<40} {seconds * 1e3:9.3f} ms")
     for label, numerator, denominator in ratios:
         print(f"  {label:<40} {times[numerator] / times[denominator]:9.2f}x")
+
+
+def small_tensors_parser(description: str) -> argparse.ArgumentParser:
+    """The options every many-small-tensors script shares: ``--count`` tensors of ``--length``, ``--rounds``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--count", type=int, default=4000)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=200)
+    return parser
+
+
+def small_tensors_model(args: argparse.Namespace) -> nn.ParameterList:
+    """``args.count`` float32 parameters of ``args.length`` elements each."""
+    return nn.ParameterList(nn.Parameter(torch.randn(args.length)) for _ in range(args.count))

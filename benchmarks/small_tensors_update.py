@@ -9,25 +9,19 @@ calls on warm caches; the machine may be shared.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from interleaved import medians, report
-from torch import nn
+from interleaved import medians, report, small_tensors_model, small_tensors_parser
 
 import fused_ema
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=4000)
-    parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=200)
+    parser = small_tensors_parser(__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--backend", default="auto")
     args = parser.parse_args()
 
-    model = nn.ParameterList(nn.Parameter(torch.randn(args.length)) for _ in range(args.count))
+    model = small_tensors_model(args)
     models = [parameter.detach() for parameter in model]
     foreach_averages = [tensor.clone() for tensor in models]
     flat_model = torch.randn(args.count * args.length)
