@@ -13,8 +13,8 @@ from torch.optim.swa_utils import SWALR, update_bn  # noqa: F401  (re-exported)
 from fused_ema import backends, selection
 from fused_ema.backends import capture, offload
 from fused_ema.backends.reference import compute_dtype
-from fused_ema.modules import Binding, check_loadable, clone_module, unwrap
-from fused_ema.rules import EMA, SWA, Rule
+from fused_ema.binding import Binding, check_loadable, clone_module, unwrap
+from fused_ema.rules import SWA, ConstantEMA, Rule
 
 
 class AveragingFunction:
@@ -45,7 +45,7 @@ class AveragingFunction:
 
 def get_ema_multi_avg_fn(decay: float = 0.999) -> AveragingFunction:
     """EMA over lists of tensors, ``w = 1 - decay``; fused in :class:`AveragedModel`, valid in torch's."""
-    return AveragingFunction(EMA(decay), multi=True)
+    return AveragingFunction(ConstantEMA(decay), multi=True)
 
 
 def get_swa_multi_avg_fn() -> AveragingFunction:
@@ -55,7 +55,7 @@ def get_swa_multi_avg_fn() -> AveragingFunction:
 
 def get_ema_avg_fn(decay: float = 0.999) -> AveragingFunction:
     """EMA of one tensor, ``decay * averaged + (1 - decay) * current``."""
-    return AveragingFunction(EMA(decay), multi=False)
+    return AveragingFunction(ConstantEMA(decay), multi=False)
 
 
 def get_swa_avg_fn() -> AveragingFunction:

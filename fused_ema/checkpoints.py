@@ -247,7 +247,7 @@ def _parse(checkpoint: Mapping[str, Any], source: str) -> _Imported:
         decay = float(checkpoint["decay"])
         updates = checkpoint["num_updates"]
         if updates is None:  # use_num_updates=False: a constant decay
-            return _Imported(source, positional=_shadow(checkpoint, source), rule=rules_module.EMA(decay),
+            return _Imported(source, positional=_shadow(checkpoint, source), rule=rules_module.ConstantEMA(decay),
                              update_after_step=0, update_every=1)
         updates = _int(updates, "num_updates", source)
         return _Imported(source, positional=_shadow(checkpoint, source), step=updates, num_updates=updates,
@@ -544,7 +544,7 @@ def export_average(ema_or_averaged_model: nn.Module, target: str, *, model: nn.M
 
 
 def _constant_decay(rule: rules_module.Rule | None) -> float | None:
-    if isinstance(rule, (rules_module.EMA, rules_module.HalfLifeEMA)):
+    if isinstance(rule, (rules_module.ConstantEMA, rules_module.HalfLifeEMA)):
         return float(rule.decay)
     return None
 

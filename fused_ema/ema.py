@@ -15,7 +15,7 @@ from torch.utils.hooks import RemovableHandle
 from fused_ema import backends, distributed, selection
 from fused_ema import rules as rules_module
 from fused_ema.backends import capture
-from fused_ema.modules import Binding, check_loadable, clone_module, pack_, unwrap
+from fused_ema.binding import Binding, check_loadable, clone_module, pack_, unwrap
 from fused_ema.rounding import rounding_key
 
 
@@ -24,7 +24,7 @@ class EMA(nn.Module):
 
     ``ema.module`` is the averaged copy (``ema(x)`` runs it). Each ``update()`` applies
     ``average <- average + w * (model - average)`` with ``w = rule(n)``, ``n`` the number of
-    averaging updates so far; ``rule`` defaults to ``rules.EMA(decay)``. The first
+    averaging updates so far; ``rule`` defaults to ``rules.ConstantEMA(decay)``. The first
     ``update_after_step`` steps copy the model instead, and afterwards only every
     ``update_every``-th step averages. Floating buffers are averaged with ``include_buffers``
     (else copied), integer buffers are always copied. A sequence of rules (or of decays) keeps one
@@ -80,7 +80,7 @@ class EMA(nn.Module):
         super().__init__()
         if rule is None:
             decays = list(decay) if isinstance(decay, (list, tuple)) else [decay]  # a str is one (bad) decay
-            rule = [rules_module.EMA(d) for d in decays]
+            rule = [rules_module.ConstantEMA(d) for d in decays]
         rule_list = [rule] if isinstance(rule, rules_module.Rule) else list(rule)
         if not rule_list or not all(isinstance(r, rules_module.Rule) for r in rule_list):
             raise TypeError(f"rule must be a fused_ema.rules.Rule or a non-empty sequence of them, got {rule!r}")

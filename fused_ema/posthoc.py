@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from fused_ema import backends, distributed
-from fused_ema.modules import Binding, clone_module, unwrap
+from fused_ema.binding import Binding, clone_module, unwrap
 from fused_ema.progress import progress
 from fused_ema.rules import sigma_rel_to_gamma
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import warnings
 from typing import Any
 
 import torch
@@ -108,7 +109,7 @@ class Rule:
         """
         state = dict(state)
         name = state.pop("rule", type(self).__name__)
-        if name != type(self).__name__:
+        if name != type(self).__name__ and _RENAMED.get(name) != type(self).__name__:  # saved before a rename
             raise ValueError(f"this state belongs to rule {name}, not {type(self).__name__}")
         try:
             inspect.signature(type(self)).bind(**state)
@@ -126,8 +127,14 @@ class Rule:
         return type(self) is type(other) and self.state_dict() == other.state_dict()
 
 
-class EMA(Rule):
-    """Constant decay: ``w = 1 - decay`` (ModelEmaV2 in timm, torch's ``get_ema_multi_avg_fn``)."""
+class ConstantEMA(Rule):
+    """Constant decay: ``w = 1 - decay`` (ModelEmaV2 in timm, torch's ``get_ema_multi_avg_fn``).
+
+    What ``fused_ema.EMA(model, decay=d)`` uses. Formerly ``rules.EMA`` (still accepted, deprecated:
+    it shared its name with the wrapper ``fused_ema.EMA``). Example::
+
+        ema = fused_ema.EMA(model, rule=fused_ema.rules.ConstantEMA(0.999))   # same as decay=0.999
+    """
 
     def __init__(self, decay: float = 0.9999) -> None:
         self.decay = check_unit("decay", decay)
@@ -280,13 +287,14 @@ class PowerEMA(Rule):
         return state
 
 
-RULES = {rule.__name__: rule for rule in (EMA, WarmupEMA, RampEMA, BiasCorrectedEMA, SWA, TADEMA, PowerEMA)}
+RULES = {rule.__name__: rule for rule in (ConstantEMA, WarmupEMA, RampEMA, BiasCorrectedEMA, SWA, TADEMA, PowerEMA)}
 
 
 def from_state_dict(state: dict[str, Any]) -> Rule:
     """Rebuild a built-in rule from :meth:`Rule.state_dict`."""
     state = dict(state)
     name = state.pop("rule", None)
+    name = _RENAMED.get(name, name)
     if name not in RULES:
         raise ValueError(f"unknown rule {name!r}; built-in rules are {', '.join(RULES)}")
     return RULES[name](**state)
@@ -339,3 +347,19 @@ class HalfLifeEMA(Rule):
 
 
 RULES.update({rule.__name__: rule for rule in (FractionWarmupEMA, HalfLifeEMA)})
+
+# Old rule names: still importable (with a DeprecationWarning) and still read from state dicts.
+_RENAMED = {"EMA": "ConstantEMA"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _RENAMED:
+        new = _RENAMED[name]
+        warnings.warn(
+            f"fused_ema.rules.{name} is deprecated: it is fused_ema.rules.{new} (the same class); "
+            "fused_ema.EMA is the wrapper, not a rule",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return RULES[new]
+    raise AttributeError(f"module 'fused_ema.rules' has no attribute {name!r}")

@@ -1,9 +1,9 @@
 """Which parameters an average keeps: ``include=``, ``exclude=`` and ``trainable_only=``.
 
 A selection is resolved once, when the average is built, to the names of the selected parameters
-(in the model's order). The rest follows from those names: :func:`fused_ema.modules.clone_module`
+(in the model's order). The rest follows from those names: :func:`fused_ema.binding.clone_module`
 copies only the selected parameters and shares the others with the live model (same tensor
-objects, so no second copy and nothing to update), :func:`fused_ema.modules.pair_by_name` pairs
+objects, so no second copy and nothing to update), :func:`fused_ema.binding.pair_by_name` pairs
 only the selected ones, and :func:`attach` saves the names in the owner's state dict and refuses a
 checkpoint made with other ones. Buffers are not selected here: they follow the wrappers' own
 switch (``include_buffers`` / ``use_buffers``), and integer buffers are always copied.

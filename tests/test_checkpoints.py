@@ -252,7 +252,7 @@ def test_torch_ema(use_num_updates):
     ema = fused_ema.EMA(_net(seed=4), decay=0.5)
     ema_model_view = copy.deepcopy(model)
     assert fused_ema.load_average(ema, theirs.state_dict()) == "torch_ema"
-    assert ema.rule == (rules.FractionWarmupEMA(0.9) if use_num_updates else rules.EMA(0.9))
+    assert ema.rule == (rules.FractionWarmupEMA(0.9) if use_num_updates else rules.ConstantEMA(0.9))
     assert _parameters(ema.module).keys() == _shadow_dict(ema_model_view, theirs.shadow_params).keys()
     _assert_same(_parameters(ema.module), _shadow_dict(ema_model_view, theirs.shadow_params))
     for _ in range(5):  # torch_ema's next five decays

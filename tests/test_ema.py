@@ -38,7 +38,7 @@ def _assert_matches(module, expected, rtol=1e-5, atol=1e-6):
 
 @pytest.mark.parametrize(
     "rule",
-    [rules.EMA(0.8), rules.WarmupEMA(0.99, power=0.75), rules.RampEMA(0.99, tau=3), rules.BiasCorrectedEMA(0.9),
+    [rules.ConstantEMA(0.8), rules.WarmupEMA(0.99, power=0.75), rules.RampEMA(0.99, tau=3), rules.BiasCorrectedEMA(0.9),
      rules.SWA(), rules.TADEMA(0.9), rules.PowerEMA(gamma=2.0)],
     ids=lambda rule: type(rule).__name__,
 )

@@ -181,21 +181,21 @@ def test_rules_map_to_fused_ema_rules():
     config = tiny_config(rules=["ema", "ema-warmup", "t_adema", "bias-corrected", "power"], decays=[0.99])
     built = dict(digits.ema_averages(config))
     assert built == {
-        "ema 0.99": rules.EMA(0.99),
+        "ema 0.99": rules.ConstantEMA(0.99),
         "ema-warmup 0.99": rules.WarmupEMA(0.99),
         "t_adema 0.99": rules.TADEMA(0.99),
         "bias-corrected 0.99": rules.BiasCorrectedEMA(0.99),
         "power 0.1": rules.PowerEMA(sigma_rel=0.1),
     }
     result = digits.run(tiny_config(rules=["swa", "ema"], decays=[0.99], epochs=1), show_progress=False)
-    assert isinstance(result.ema, fused_ema.EMA) and result.ema.rules == [rules.EMA(0.99)]
+    assert isinstance(result.ema, fused_ema.EMA) and result.ema.rules == [rules.ConstantEMA(0.99)]
     assert isinstance(result.swa_model, fused_ema.AveragedModel)
 
 
 @pytest.mark.parametrize("decay", [0.9, 0.99, 0.999])
 def test_forget_steps_is_about_one_over_one_minus_decay(decay):
     # decay ** n <= 1/e first at n = ceil(1 / -ln(decay)), about 1 / (1 - decay)
-    assert digits.forget_steps(rules.EMA(decay), 100_000) == math.ceil(-1.0 / math.log(decay))
+    assert digits.forget_steps(rules.ConstantEMA(decay), 100_000) == math.ceil(-1.0 / math.log(decay))
 
 
 @pytest.mark.parametrize(

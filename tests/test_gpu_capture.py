@@ -22,7 +22,7 @@ import triton_interpreted
 from helpers import cpu_backends, tolerance
 
 RULES = [
-    rules.EMA(0.99), rules.WarmupEMA(0.999, min_decay=0.1), rules.WarmupEMA(0.9, inv_gamma=3.0, power=0.75),
+    rules.ConstantEMA(0.99), rules.WarmupEMA(0.999, min_decay=0.1), rules.WarmupEMA(0.9, inv_gamma=3.0, power=0.75),
     rules.RampEMA(0.999, tau=10.0), rules.BiasCorrectedEMA(0.9), rules.BiasCorrectedEMA(1.0), rules.SWA(),
     rules.TADEMA(0.99), rules.PowerEMA(gamma=6.94), rules.PowerEMA(sigma_rel=0.05),
 ]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,3 +46,34 @@ def test_type_hints_are_shipped():
 def test_split_modules_are_small_enough_to_read_at_once(folder):
     lengths = {path.name: len(path.read_text().splitlines()) for path in (ROOT / folder).glob("*.py")}
     assert lengths and max(lengths.values()) <= 300, lengths
+
+
+def test_the_old_binding_module_name_still_works_and_says_it_moved(monkeypatch):
+    from fused_ema import binding
+
+    monkeypatch.delitem(sys.modules, "fused_ema.modules", raising=False)
+    with pytest.warns(DeprecationWarning, match="fused_ema.modules is deprecated.*fused_ema.binding"):
+        from fused_ema import modules
+    for name in ("Binding", "clone_module", "pack_", "pair_by_name", "check_loadable", "unwrap", "CannotCopyError"):
+        assert getattr(modules, name) is getattr(binding, name)
+    assert modules._watch_registrations is binding._watch_registrations  # private names resolve too
+    from fused_ema.modules import Binding
+
+    assert Binding is binding.Binding
+    with pytest.raises(AttributeError, match="see fused_ema.binding"):
+        modules.no_such_name  # noqa: B018
+
+
+def test_importing_the_package_warns_nothing():
+    # A fresh interpreter: in this one the deprecated aliases may already have been imported.
+    script = (
+        "import warnings\n"
+        "warnings.simplefilter('error', DeprecationWarning)\n"
+        "warnings.filterwarnings('ignore', category=DeprecationWarning, module='(?!fused_ema)')\n"
+        "import fused_ema, fused_ema.rules\n"
+        "import sys\n"
+        "assert 'fused_ema.modules' not in sys.modules and 'fused_ema.benchmark' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr

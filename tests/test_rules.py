@@ -5,15 +5,17 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import fused_ema
 from fused_ema import rules
 
 # Each formula written out again here, independently of fused_ema.rules: decay at step n
 # (n = updates already applied).
 CLOSED_FORMS = {
-    "ema": (rules.EMA(0.99), lambda n: 0.99),
+    "ema": (rules.ConstantEMA(0.99), lambda n: 0.99),
     "warmup": (
         rules.WarmupEMA(decay=0.999, inv_gamma=2.0, power=0.75, min_decay=0.1),
         lambda n: 0.0 if n == 0 else min(max(1 - (1 + n / 2.0) ** -0.75, 0.1), 0.999),
@@ -84,11 +86,44 @@ def test_state_dict_round_trip(name):
 
 
 def test_load_state_dict_into_existing_rule():
-    rule = rules.EMA(0.5)
-    rule.load_state_dict(rules.EMA(0.75).state_dict())
+    rule = rules.ConstantEMA(0.5)
+    rule.load_state_dict(rules.ConstantEMA(0.75).state_dict())
     assert rule(3) == 0.25
     with pytest.raises(ValueError, match="belongs to rule SWA"):
         rule.load_state_dict(rules.SWA().state_dict())
+
+
+def test_the_old_name_of_the_constant_decay_rule_warns_and_is_the_same_class():
+    with pytest.warns(DeprecationWarning, match="rules.EMA is deprecated: it is fused_ema.rules.ConstantEMA"):
+        old = rules.EMA
+    assert old is rules.ConstantEMA
+    assert rules.ConstantEMA is not fused_ema.EMA  # the rule and the wrapper no longer share a name
+    assert fused_ema.EMA.__module__ == "fused_ema.ema"
+    assert "EMA" not in rules.RULES and rules.RULES["ConstantEMA"] is rules.ConstantEMA
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchRule'"):
+        rules.NoSuchRule  # noqa: B018
+
+
+def test_rule_states_saved_under_the_old_name_still_load():
+    saved = {"rule": "EMA", "decay": 0.75}  # what rules.EMA(0.75).state_dict() wrote before the rename
+    assert rules.from_state_dict(saved) == rules.ConstantEMA(0.75)
+    rule = rules.ConstantEMA(0.5)
+    rule.load_state_dict(saved)
+    assert rule(3) == 0.25
+    assert rule.state_dict() == {"rule": "ConstantEMA", "decay": 0.75}  # a new save writes the new name
+    with pytest.raises(ValueError, match="belongs to rule EMA, not SWA"):
+        rules.SWA().load_state_dict(saved)
+
+
+def test_an_ema_checkpoint_saved_with_the_old_rule_name_loads():
+    model = torch.nn.Linear(3, 2)
+    ema = fused_ema.EMA(model, decay=0.5, backend="reference")
+    state = ema.state_dict()
+    extra = next(key for key in state if key.endswith("_extra_state"))
+    assert state[extra]["rules"] == [{"rule": "ConstantEMA", "decay": 0.5}]
+    state[extra] = {**state[extra], "rules": [{"rule": "EMA", "decay": 0.25}]}  # an older checkpoint
+    ema.load_state_dict(state)
+    assert ema.rule == rules.ConstantEMA(0.25)
 
 
 def test_user_defined_rule_needs_one_method():
@@ -102,9 +137,9 @@ def test_user_defined_rule_needs_one_method():
 @pytest.mark.parametrize(
     "make,message",
     [
-        (lambda: rules.EMA(1.5), "decay must be in \\[0, 1\\], got 1.5"),
-        (lambda: rules.EMA(-0.1), "decay must be in"),
-        (lambda: rules.EMA(float("nan")), "decay must be in"),
+        (lambda: rules.ConstantEMA(1.5), "decay must be in \\[0, 1\\], got 1.5"),
+        (lambda: rules.ConstantEMA(-0.1), "decay must be in"),
+        (lambda: rules.ConstantEMA(float("nan")), "decay must be in"),
         (lambda: rules.WarmupEMA(inv_gamma=0), "inv_gamma must be > 0"),
         (lambda: rules.WarmupEMA(decay=0.9, min_decay=0.95), "min_decay"),
         (lambda: rules.RampEMA(tau=-1), "tau must be > 0"),
@@ -153,7 +188,7 @@ def test_property_weights_in_unit_interval_and_match_closed_form(name, step):
 def test_property_ema_average_is_geometric(decay, steps):
     # EMA from a copy of 0 towards a constant 1: closed form 1 - decay ** steps.
     average = 0.0
-    rule = rules.EMA(decay)
+    rule = rules.ConstantEMA(decay)
     for step in range(steps):
         average += rule(step) * (1.0 - average)
     assert average == pytest.approx(1 - decay**steps, abs=1e-12)

@@ -64,7 +64,7 @@ def test_weight_one_through_lerp_and_rules(backend):
     assert torch.equal(fast[0], target[0])
     torch.testing.assert_close(slow[0], 0.25 * target[0])
     model = small_cnn()
-    ema = fused_ema.EMA(model, rule=[rules.WarmupEMA(0.99), rules.EMA(0.5)], backend=backend)
+    ema = fused_ema.EMA(model, rule=[rules.WarmupEMA(0.99), rules.ConstantEMA(0.5)], backend=backend)
     _poison_(ema.module, float("nan"))
     ema.update()  # WarmupEMA's first weight is 1
     for name, tensor in _floating_state(model).items():
@@ -223,7 +223,7 @@ BAD_NUMBERS = [("1", TypeError), (True, TypeError), (None, TypeError), (float("n
 DECAY_TAKERS = {
     "EMA(decay=)": lambda value: fused_ema.EMA(nn.Linear(2, 2), decay=value),
     "EMA(decay=[...])": lambda value: fused_ema.EMA(nn.Linear(2, 2), decay=[0.5, value]),
-    "rules.EMA": lambda value: rules.EMA(value),
+    "rules.ConstantEMA": lambda value: rules.ConstantEMA(value),
     "rules.WarmupEMA": lambda value: rules.WarmupEMA(decay=value),
     "rules.BiasCorrectedEMA": lambda value: rules.BiasCorrectedEMA(value),
     "rules.RampEMA": lambda value: rules.RampEMA(value),

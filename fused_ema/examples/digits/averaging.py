@@ -7,7 +7,7 @@ Example::
 
     from fused_ema import rules
     from fused_ema.examples.digits import forget_steps
-    forget_steps(rules.EMA(0.99), 10_000)  # 100: updates until the start weighs less than 1/e
+    forget_steps(rules.ConstantEMA(0.99), 10_000)  # 100: updates until the start weighs less than 1/e
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Example::
     from fused_ema.examples.digits import Config, check_config, ema_averages
     config = Config(rules=["ema", "swa"], decays=[0.999], epochs=10)
     check_config(config)
-    ema_averages(config)  # [("ema 0.999", rules.EMA(0.999))]: swa is an AveragedModel, not a rule
+    ema_averages(config)  # [("ema 0.999", rules.ConstantEMA(0.999))]: swa is an AveragedModel, not a rule
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ SCHEDULES = ("step", "cosine", "swa")
 
 # Rules that take a decay get one average per --decays value; swa and power take none.
 DECAY_RULES = {
-    "ema": rules.EMA,
+    "ema": rules.ConstantEMA,
     "ema-warmup": rules.WarmupEMA,
     "t_adema": rules.TADEMA,
     "bias-corrected": rules.BiasCorrectedEMA,
