@@ -12,7 +12,7 @@ import torch
 
 from fused_ema import backends
 from fused_ema.backends import capture, offload
-from fused_ema.backends.base import KERNEL_DTYPES, FusedBackend, Group, StalePlanError
+from fused_ema.backends.base import KERNEL_DTYPES, FusedBackend, Group, StalePlanError, is_dense
 from fused_ema.rules import check_unit
 
 __all__ = ["Group", "Plan", "StalePlanError", "check_pairs", "check_weights", "is_dense", "local_tensor",
@@ -27,12 +27,6 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """
     local = getattr(tensor, "_local_tensor", None)  # DTensor keeps its shard here; no collective
     return local if local is not None else tensor
-
-
-def is_dense(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` covers a block of memory exactly (any order of dimensions)."""
-    # is_contiguous() is a C++ flag read; the general check runs in Python, so it comes last.
-    return tensor.is_contiguous() or torch._prims_common.is_non_overlapping_and_dense_or_false(tensor)
 
 
 def _describe(tensor: torch.Tensor) -> str:

@@ -10,7 +10,9 @@ issued from two streams.
 from __future__ import annotations
 
 import gc
+import re
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,6 +79,17 @@ def test_builder_names_the_problem(problem):
 def test_constants_are_defined_once_in_cpp():
     assert (ops._C.MAX_SETS, ops._C.CHUNK_ELEMENTS, ops._C.VECTOR_BYTES) == (16, 2048, 16)
     assert chunk_table.MAX_SETS == ops._C.MAX_SETS and chunk_table.CHUNK_ELEMENTS == ops._C.CHUNK_ELEMENTS
+    assert backends.FusedBackend.max_sets == ops._C.MAX_SETS
+    for name in ("cpu", "triton", "cuda"):
+        backend = backends.get(name)
+        if isinstance(backend, backends.FusedBackend):  # an unimportable module stands in as unavailable
+            assert backend.max_sets == ops._C.MAX_SETS, name
+    # No Python file writes the numbers again.
+    package = Path(fused_ema.__file__).parent
+    for path in package.rglob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"(?i)\bmax_sets\s*(:[^=]*)?=\s*\d", text), path
+        assert not re.search(r"\bCHUNK_ELEMENTS\s*(:[^=]*)?=\s*\d", text), path
 
 
 def test_the_table_operator_is_private():

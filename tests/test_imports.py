@@ -49,11 +49,31 @@ def test_base_imports_nothing_of_the_package():
     assert _top_level_imports("fused_ema.backends.base") == set()
 
 
-@pytest.mark.parametrize("backend", ["reference", "foreach", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", "foreach", "cpu", "triton", "cuda", "chunk_table"])
 def test_backend_modules_import_the_base_not_the_registry_or_plan(backend):
     imported = _top_level_imports(f"fused_ema.backends.{backend}")
     assert "fused_ema.backends.base" in imported
     assert not imported & {"fused_ema.backends", "fused_ema.plan"}
+
+
+def _methods(path: Path) -> dict[str, set[str]]:
+    """Public methods of each class defined in ``path``."""
+    return {
+        node.name: {item.name for item in node.body if isinstance(item, ast.FunctionDef) and not item.name.startswith("_")}
+        for node in ast.parse(path.read_text()).body
+        if isinstance(node, ast.ClassDef)
+    }
+
+
+@pytest.mark.parametrize("backend", ["reference", "foreach", "cpu", "triton", "cuda"])
+def test_backends_implement_only_what_the_contract_declares(backend):
+    # The plan and capture.py call backends through the contract alone: a public method that the
+    # base does not declare would be an undocumented part of it.
+    base = _methods(PACKAGE / "backends" / "base.py")
+    declared = base["Backend"] | base["FusedBackend"]
+    for name, methods in _methods(PACKAGE / "backends" / f"{backend}.py").items():
+        if name.endswith("Backend"):
+            assert methods <= declared, f"{name} defines {sorted(methods - declared)}, which base.py does not declare"
 
 
 def test_registry_and_plan_import_the_base():

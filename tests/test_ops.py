@@ -13,6 +13,7 @@ from fused_ema import backends
 from fused_ema.backends.reference import lerp_pair_
 from fused_ema.rounding import rounding_key
 
+import triton_interpreted
 from helpers import DTYPES
 
 _REASON = backends.get("cpu").unavailable_reason()
@@ -50,6 +51,29 @@ def _samples():
 @pytest.mark.parametrize("sample", list(_samples()) if _REASON is None else [], ids=lambda _: "")
 def test_opcheck(sample):
     torch.library.opcheck(torch.ops.fused_ema.multi_lerp_.default, sample)
+
+
+# Every operator of the fused_ema namespace, and the test that opchecks it. The triton ones exist
+# once fused_ema.backends.triton is imported (the interpreted copy registers its own name).
+OPCHECKED = {
+    "fused_ema::multi_lerp_": "tests/test_ops.py::test_opcheck",
+    "fused_ema::triton_multi_lerp_": "tests/test_triton_backend.py::test_custom_op_passes_opcheck (same code)",
+    "fused_ema::triton_interpret_multi_lerp_": "tests/test_triton_backend.py::test_custom_op_passes_opcheck",
+}
+
+
+def test_every_operator_declares_what_it_writes_has_a_fake_and_is_opchecked():
+    triton_interpreted.module()  # registers the interpreted triton operator, when triton is installed
+    names = {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("fused_ema::")}
+    assert "fused_ema::multi_lerp_" in names
+    assert names <= set(OPCHECKED), f"operators no test opchecks (or that are not for torch.compile): {names - set(OPCHECKED)}"
+    for name in names:
+        packet = getattr(torch.ops.fused_ema, name.split("::")[1])
+        arguments = {argument.name: argument for argument in packet.default._schema.arguments}
+        # The averages are written; nothing else is.
+        written = {n for n, a in arguments.items() if a.alias_info is not None and a.alias_info.is_write}
+        assert written == {"averages"}, (name, written)
+        assert torch._library.simple_registry.singleton.find(name).fake_impl.kernel is not None, f"{name} has no fake"
 
 
 def test_list_op_matches_reference_on_strided_and_mixed_pairs():

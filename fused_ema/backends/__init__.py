@@ -14,7 +14,6 @@ from collections.abc import Iterable
 
 from fused_ema.backends.base import (  # noqa: F401  (the contract, re-exported)
     KERNEL_DTYPES,
-    MAX_SETS,
     Backend,
     FusedBackend,
     Group,

@@ -19,8 +19,30 @@ import torch
 
 # The dtypes every fused kernel handles, on either side of a pair and in any mix.
 KERNEL_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
-# Average sets one fused pass updates: the weights of one pass sit in a fixed-size array in every kernel.
-MAX_SETS = 16
+
+
+def is_dense(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` covers a block of memory exactly (any order of dimensions)."""
+    # is_contiguous() is a C++ flag read; the general check runs in Python, so it comes last.
+    return tensor.is_contiguous() or torch._prims_common.is_non_overlapping_and_dense_or_false(tensor)
+
+
+class _ExtensionConstant:
+    """A class attribute whose value the C++ extension defines (``fused_ema._C.<name>``), read on access.
+
+    The value is written once, in C++ (csrc/chunk_table.h); this module must not load the extension
+    at import (it imports nothing of fused_ema), so the read waits until a fused backend asks.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, instance: object, owner: type) -> int:
+        from fused_ema import ops  # loaded by then: every fused backend needs the extension to run
+
+        if ops._C is None:
+            raise RuntimeError(f"fused_ema._C.{self.name} is unknown: {ops.UNAVAILABLE_REASON}")
+        return getattr(ops._C, self.name)
 
 
 class StalePlanError(RuntimeError):
@@ -82,11 +104,16 @@ class Backend:
             )
         return None
 
+    # Whether this backend runs a capturable update (weights in a device tensor) itself, with
+    # FusedBackend.run_table_device; the others' groups go through torch._foreach_lerp_ (capture.py).
+    takes_device_weights: bool = False
+
     def is_stale(self, group: Group) -> bool:
         """True when a tensor changed dtype, device or layout since ``group`` was built."""
         return not group.unchanged()
 
     def lerp_(self, group: Group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
+        """``averages[k][i] <- lerp(averages[k][i], models[i], weights[k])`` for every pair of ``group``."""
         raise NotImplementedError
 
 
@@ -96,11 +123,14 @@ class FusedBackend(Backend):
     ``lerp_`` runs eagerly, over the table. Under torch.compile, where a table's pointers cannot be
     traced, the one compiled path (:func:`fused_ema.plan.traced_lerp_`) calls ``list_op`` instead: a
     ``torch.library`` operator over tensor lists, one graph node. Subclasses implement
-    ``table_is_stale`` (which also follows storages swapped in place) and ``run_table``, and
-    override ``list_op`` when their operator is not ``fused_ema::multi_lerp_``.
+    ``table_is_stale`` (which also follows storages swapped in place) and ``run_table``, override
+    ``list_op`` when their operator is not ``fused_ema::multi_lerp_``, and, when they set
+    ``takes_device_weights``, implement ``run_table_device`` for capturable updates.
     """
 
-    max_sets = MAX_SETS
+    # Average sets one fused pass updates (the weights of one pass sit in a fixed-size array in
+    # every kernel): csrc/chunk_table.h's kMaxSets, exported as fused_ema._C.MAX_SETS.
+    max_sets = _ExtensionConstant("MAX_SETS")
 
     def cannot_run(self, group: Group) -> str | None:
         reason = super().cannot_run(group)
@@ -117,9 +147,19 @@ class FusedBackend(Backend):
         self.run_table(group, weights, rounding_keys)
 
     def table_is_stale(self, group: Group) -> bool:
+        """True when ``group`` must be regrouped; rebuilds the group's table, silently, after a storage swap."""
         raise NotImplementedError
 
     def run_table(self, group: Group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
+        """:meth:`lerp_` over the group's cached table (built on first use)."""
+        raise NotImplementedError
+
+    def run_table_device(self, group: Group, weights: torch.Tensor) -> None:
+        """A capturable update (:func:`fused_ema.backends.capture.lerp_`): ``weights`` is a 1-d tensor of
+        one weight per average set on the group's device, read by the kernel there (no host read, no
+        host-to-device copy, so a CUDA graph replays it with the current weights); no stochastic rounding.
+        Called only when ``takes_device_weights`` is set and the group is fusable.
+        """
         raise NotImplementedError
 
     def list_op(

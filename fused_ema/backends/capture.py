@@ -63,9 +63,8 @@ def lerp_(plan, weights: torch.Tensor) -> None:
             return lerp_(plan, weights)
     for group in plan.groups:
         group_weights = to_device(weights, group.device)
-        run = getattr(group.backend, "run_table_device", None)
-        if run is not None and group.fusable:
-            run(group, group_weights)
+        if group.backend.takes_device_weights and group.fusable:
+            group.backend.run_table_device(group, group_weights)
         else:
             _foreach_lerp_(group, group_weights)
     plan.copy_()

@@ -38,13 +38,13 @@ import torch
 
 from fused_ema import ops
 from fused_ema.backends import capture
-from fused_ema.plan import Group, is_dense
+from fused_ema.backends.base import Group, is_dense
 
-# Defined once, in csrc/chunk_table.h, and exported by the extension. Without the extension the GPU
-# backends are unavailable (see unavailable_reason), so the fallbacks below are never used to build.
-CHUNK_ELEMENTS: int = getattr(ops._C, "CHUNK_ELEMENTS", 2048)
-MAX_SETS: int = getattr(ops._C, "MAX_SETS", 16)
-VECTOR_BYTES: int = getattr(ops._C, "VECTOR_BYTES", 16)
+# Defined once, in csrc/chunk_table.h, and exported by the extension; None without it (then the GPU
+# backends are unavailable, see unavailable_reason, and no table is built).
+CHUNK_ELEMENTS: int | None = getattr(ops._C, "CHUNK_ELEMENTS", None)
+MAX_SETS: int | None = getattr(ops._C, "MAX_SETS", None)
+VECTOR_BYTES: int | None = getattr(ops._C, "VECTOR_BYTES", None)
 
 
 def unavailable_reason() -> str | None:

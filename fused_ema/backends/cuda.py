@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
-from fused_ema.backends import FusedBackend, capture, chunk_table
+from fused_ema.backends import capture, chunk_table
+from fused_ema.backends.base import FusedBackend, Group
 
 _REBUILD = "set CUDA_HOME to the CUDA toolkit and reinstall with `pip install --no-build-isolation .`"
 
@@ -47,22 +48,19 @@ def _reason() -> str | None:
 class CudaBackend(FusedBackend):
     name = "cuda"
     device_types = ("cuda",)
-    max_sets = chunk_table.MAX_SETS
+    takes_device_weights = True
 
     def unavailable_reason(self) -> str | None:
         return _reason()
 
-    def table_is_stale(self, group) -> bool:
+    def table_is_stale(self, group: Group) -> bool:
         return chunk_table.is_stale(group)
 
-    def list_op(self, averages, models, weights, tensor_indices, rounding_keys) -> None:
-        _ops().multi_lerp_(averages, models, weights, tensor_indices, rounding_keys)
-
-    def run_table(self, group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
+    def run_table(self, group: Group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
         table = chunk_table.table(group)
         self._launch(table, table.step_args(weights, rounding_keys), rounding_keys is not None)
 
-    def run_table_device(self, group, weights: torch.Tensor) -> None:
+    def run_table_device(self, group: Group, weights: torch.Tensor) -> None:
         """A capturable update: ``weights`` is a 1-d tensor on the group's device (see capture.py)."""
         self._launch(chunk_table.table(group), capture.step_args(weights), False)
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from fused_ema.backends import offload
-from fused_ema.backends.base import Backend
+from fused_ema.backends.base import Backend, Group
 from fused_ema.backends.reference import ReferenceBackend, compute_dtype
 
 # Mixed-dtype groups are upcast this many elements at a time, so the temporaries stay small.
@@ -31,7 +31,7 @@ class ForeachBackend(Backend):
     name = "foreach"
     _warned_rounding = False
 
-    def lerp_(self, group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
+    def lerp_(self, group: Group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
         if rounding_keys is not None and group.average_dtype == torch.bfloat16:
             self._warn_rounding_once()
             ReferenceBackend().lerp_(group, weights, rounding_keys)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from fused_ema.backends import offload
-from fused_ema.backends.base import Backend
+from fused_ema.backends.base import Backend, Group
 from fused_ema.rounding import memory_order_index, stochastic_round_to_bfloat16
 
 
@@ -44,7 +44,7 @@ def lerp_pair_(
 class ReferenceBackend(Backend):
     name = "reference"
 
-    def lerp_(self, group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
+    def lerp_(self, group: Group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
         for set_index, (averages, weight) in enumerate(zip(group.averages, weights)):
             key = None if rounding_keys is None else rounding_keys[set_index]
             for average, model, tensor_index in zip(averages, group.models, group.tensor_indices):

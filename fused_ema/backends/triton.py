@@ -22,7 +22,8 @@ from collections.abc import Sequence
 
 import torch
 
-from fused_ema.backends import FusedBackend, capture, chunk_table
+from fused_ema.backends import capture, chunk_table
+from fused_ema.backends.base import FusedBackend, Group
 
 try:
     import triton
@@ -193,7 +194,7 @@ def launch_(table: chunk_table.DeviceTables, model_base: torch.Tensor, average_b
         )
 
 
-def _run_group_table(group, weights, rounding_keys) -> None:
+def _run_group_table(group: Group, weights, rounding_keys) -> None:
     table = chunk_table.table(group)
     launch_(table, table.model_base, table.average_base, group.average_dtype, group.model_dtype, weights,
             rounding_keys)
@@ -268,18 +269,18 @@ class TritonBackend(FusedBackend):
     name = "triton"
     # Only the interpreter runs on CPU tensors; "auto" never tries triton on CPU (see AUTO_ORDER).
     device_types = ("cuda", "cpu") if INTERPRET else ("cuda",)
-    max_sets = chunk_table.MAX_SETS
+    takes_device_weights = True
 
     def unavailable_reason(self) -> str | None:
         return _reason()
 
-    def table_is_stale(self, group) -> bool:
+    def table_is_stale(self, group: Group) -> bool:
         return chunk_table.is_stale(group)
 
-    def run_table(self, group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
+    def run_table(self, group: Group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
         _run_group_table(group, weights, rounding_keys)
 
-    def run_table_device(self, group, weights: torch.Tensor) -> None:
+    def run_table_device(self, group: Group, weights: torch.Tensor) -> None:
         """A capturable update: ``weights`` is a 1-d tensor on the group's device (see capture.py)."""
         _run_group_table(group, weights, None)
 
