@@ -369,7 +369,7 @@ def fsdp_scenario(rank: int, directory: Path) -> None:
         after_swap_output = model(inputs)
     after = _full(model)
     full = {name: _full(average) for name, average in averages.items()}
-    plan_backends = ema._binding.plan(model).backend_names
+    plan_backends = ema._binding.plan(model).backend_names  # private: no public call names an EMA's backends
     if rank == 0:
         _save(directory, "fsdp", rank, {
             "placements": placements, "collectives": collectives, "outputs": outputs, "full": full,

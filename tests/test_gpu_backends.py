@@ -98,6 +98,7 @@ def test_new_weights_do_not_recompile_the_triton_kernel():
     average_sets, models = _pairs(torch.float32, torch.bfloat16, sets=1)
     plan = Plan(average_sets, models, backend="triton")
     plan.lerp_([0.1])
+    # The subject is Triton's private compile cache: a new weight must not add a specialisation.
     kernel_cache = triton_backend._multi_lerp_kernel.device_caches[torch.cuda.current_device()][0]
     compiled = len(kernel_cache)
     for weight in (0.2, 0.5, 0.75, 1.0, 0.0):  # ints equal to 1 would specialise; weights are not args

@@ -101,6 +101,7 @@ def test_every_copy_of_an_update_is_enqueued_before_the_first_wait(delayed, monk
 
 
 def test_staging_buffers_are_persistent(delayed):
+    # The subject is the backend's private staging cache: its buffers are reused, not reallocated.
     group, _, _ = _offload_group(torch.float32, torch.float32)
     backends.get("foreach").lerp_(group, [0.5, 0.5], None)
     staging = group.cache["staging"]
@@ -128,6 +129,7 @@ def test_only_the_local_shard_is_staged(delayed):
     group = plan.groups[0]
     group.model_device = FAKE_DEVICE  # pretend the shard lives on a GPU
     backends.get("foreach").lerp_(group, [1.0], None)
+    # Private on purpose: what the offload path stages (the shard, not the full parameter) is the subject.
     assert [buffer.shape for buffer in group.cache["staging"]._buffers] == [local.shape]
     torch.testing.assert_close(plan.average_sets[0][0], local)
 

@@ -45,9 +45,9 @@ def test_every_packed_tensor_is_aligned_and_in_one_block(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_average_updates_like_the_reference(backend, dtype):
+def test_packed_average_updates_like_the_reference(compared_backend, dtype):
     model = _odd_model(dtype)
-    ours = fused_ema.EMA(model, decay=0.75, backend=backend, stochastic_rounding=False)
+    ours = fused_ema.EMA(model, decay=0.75, backend=compared_backend, stochastic_rounding=False)
     oracle = fused_ema.EMA(model, decay=0.75, backend="reference", stochastic_rounding=False)
     for _step in range(3):
         with torch.no_grad():

@@ -3,7 +3,7 @@
 A plan is rebuilt when a parameter, buffer or submodule of the averaged copy or of the live model is
 registered, replaced or removed (also behind torch's back: ``_parameters[name] = p``, ``del``,
 buffers replaced by ``model.to()``), and never because of a registration elsewhere in the process.
-Rebuilds are counted (``_binding.plan_builds``), never timed.
+Rebuilds are counted (``_binding.plan_builds``: the private cache is these tests' subject), never timed.
 """
 
 from __future__ import annotations

@@ -133,7 +133,7 @@ def test_copy_of_ema_holds_the_average_not_the_model(how):
         buffer = _saved(ema)
         assert buffer.getbuffer().nbytes <= 1.1 * _averages_bytes(ema)
         twin = torch.load(buffer, weights_only=False)
-    assert twin._model is None
+    assert twin._model is None  # private on purpose: that the copy let go of the live model is the subject
     assert _same_state(_state(twin), _state(ema))
     with pytest.raises(RuntimeError, match="pass the model"):
         twin.update()

@@ -79,7 +79,8 @@ def _shares(average: nn.Module, model: nn.Module, name: str) -> bool:
 )
 def test_selection_averages_exactly_the_selected_parameters(kwargs, selected, backend):
     model = lora_model()
-    oracle = fused_ema.EMA(copy.deepcopy(model), decay=0.7, backend="reference")  # everything, reference path
+    oracle_model = copy.deepcopy(model)
+    oracle = fused_ema.EMA(oracle_model, decay=0.7, backend="reference")  # everything, reference path
     ema = fused_ema.EMA(model, decay=0.7, backend=backend, **kwargs)
     names = [name for name, _ in model.named_parameters()]
     versions = {name: model.get_parameter(name)._version for name in names if name not in selected}
@@ -87,10 +88,10 @@ def test_selection_averages_exactly_the_selected_parameters(kwargs, selected, ba
 
     generator = torch.Generator().manual_seed(1)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    oracle_optimizer = torch.optim.SGD([p for p in oracle._model.parameters() if p.requires_grad], lr=0.1)
+    oracle_optimizer = torch.optim.SGD([p for p in oracle_model.parameters() if p.requires_grad], lr=0.1)
     for _ in range(4):
         inputs = torch.randn(8, 6, generator=generator)
-        for net, opt, average in ((model, optimizer, ema), (oracle._model, oracle_optimizer, oracle)):
+        for net, opt, average in ((model, optimizer, ema), (oracle_model, oracle_optimizer, oracle)):
             opt.zero_grad()
             net(inputs).square().mean().backward()
             opt.step()
@@ -313,12 +314,13 @@ def test_ema_model_for_a_model_that_cannot_be_deep_copied():
 def test_ema_model_matches_the_reference_update():
     model = Unpicklable()
     ema = fused_ema.EMA(model, decay=0.5, ema_model=Unpicklable(), trainable_only=True)
-    oracle = fused_ema.EMA(copy.deepcopy(model.body), decay=0.5, backend="reference", trainable_only=True)
-    oracle._model.load_state_dict(model.body.state_dict())
+    oracle_model = copy.deepcopy(model.body)
+    oracle = fused_ema.EMA(oracle_model, decay=0.5, backend="reference", trainable_only=True)
+    oracle_model.load_state_dict(model.body.state_dict())
     generator = torch.Generator().manual_seed(3)
     for _ in range(3):
         inputs = torch.randn(8, 6, generator=generator)
-        for net, average in ((model.body, ema), (oracle._model, oracle)):
+        for net, average in ((model.body, ema), (oracle_model, oracle)):
             net.zero_grad()
             net(inputs).square().mean().backward()
             with torch.no_grad():
@@ -416,7 +418,7 @@ def test_model_to_after_construction_and_ema_to_never_moves_the_live_model():
     ema.update()
 
     clone = copy.deepcopy(ema)  # a copy holds the average, not the live model (issue 11 item 16): it shares nothing with ours
-    assert clone._model is None
+    assert clone._model is None  # private on purpose: that the copy let go of the live model is the subject
     assert clone.module[0].base.weight is not model[0].base.weight
     assert torch.equal(clone.module[0].base.weight, model[0].base.weight)
 

@@ -51,17 +51,17 @@ def _run_ema(backend: str) -> tuple[nn.Module, fused_ema.EMA]:
     return model, ema
 
 
-def test_ema_survives_swapping_conversions(backend):
-    _, ema = _run_ema(backend)
+def test_ema_survives_swapping_conversions(compared_backend):
+    _, ema = _run_ema(compared_backend)
     _, expected = _run_ema("reference")
     assert ema.module[0].weight.dtype == torch.float16
     for (name, mine), want in zip(ema.module.state_dict().items(), expected.module.state_dict().values()):
         torch.testing.assert_close(mine, want, rtol=2e-3, atol=1e-3, msg=name)
 
 
-def test_averaged_model_survives_swapping_conversions(backend):
+def test_averaged_model_survives_swapping_conversions(compared_backend):
     results = {}
-    for name in {backend, "reference"}:
+    for name in (compared_backend, "reference"):
         model = _model()
         averaged = fused_ema.AveragedModel(model, multi_avg_fn=fused_ema.get_ema_multi_avg_fn(0.5),
                                            use_buffers=True, backend=name)
@@ -75,7 +75,7 @@ def test_averaged_model_survives_swapping_conversions(backend):
         averaged.update_parameters(model)
         results[name] = averaged.state_dict()
     for key, want in results["reference"].items():
-        torch.testing.assert_close(results[backend][key], want, rtol=1e-12, atol=1e-12, msg=key)
+        torch.testing.assert_close(results[compared_backend][key], want, rtol=1e-12, atol=1e-12, msg=key)
 
 
 @pytest.mark.skipif(ops._C is None, reason="the C++ extension is not available")

@@ -164,6 +164,7 @@ def test_table_rebuilt_after_storage_swap():
     reference = Plan(expected, parameters, backend="reference")
     plan.lerp_([0.5])
     reference.lerp_([0.5])
+    # The subject is the private table itself: rebuilt with new offsets, in its group's cache.
     table = plan.groups[0].cache["chunk_table"]
     with torch.no_grad():
         parameters[0].data = torch.randn_like(parameters[0])  # new storage, same tensor object
