@@ -8,17 +8,15 @@ the undisturbed update. Medians of interleaved samples; the machine may be share
 
 from __future__ import annotations
 
-from interleaved import medians, report, small_tensors_model, small_tensors_parser
+from common import report, small_tensors_model, small_tensors_parser
 from torch import nn
 
 import fused_ema
+from fused_ema.bench.timer import compare
 
 
 def main() -> None:
-    parser = small_tensors_parser(__doc__.splitlines()[0])
-    parser.add_argument("--backend", default="auto")
-    args = parser.parse_args()
-
+    args = small_tensors_parser(__doc__.splitlines()[0]).parse_args()
     model = small_tensors_model(args)
     ema = fused_ema.EMA(model, decay=0.999, backend=args.backend)
     kept = []
@@ -26,12 +24,13 @@ def main() -> None:
     def create_module() -> None:
         kept[:] = [nn.Linear(2, 2)]
 
-    times = medians(
+    times = compare(
         {"undisturbed": ema.update, "after nn.Linear(2, 2)": ema.update},
         rounds=args.rounds,
         before={"undisturbed": ema.update, "after nn.Linear(2, 2)": create_module},
+        label="timing",
     )
-    report(f"{args.count} x {args.length} float32, EMA.update", times, [
+    report(f"{args.count} x {args.length} float32, EMA.update, medians:", times, [
         ("after nn.Linear / undisturbed (<= 1.2)", "after nn.Linear(2, 2)", "undisturbed"),
     ])
     print(f"  plans built: {ema._binding.plan_builds}")

@@ -10,9 +10,10 @@ machine may be shared.
 from __future__ import annotations
 
 import torch
-from interleaved import medians, report, small_tensors_parser
+from common import report, small_tensors_parser
 
 import fused_ema
+from fused_ema.bench.timer import compare
 
 
 def main() -> None:
@@ -29,18 +30,19 @@ def main() -> None:
     def new_lists() -> None:  # untimed: new tensors, so nothing can be cached for them
         fresh[:] = [[average.clone() for average in averages], [model.clone() for model in models]]
 
-    times = medians(
+    times = compare(
         {
             "flat lerp_": lambda: flat_average.lerp_(flat_model, 1e-3),
             "torch._foreach_lerp_": lambda: torch._foreach_lerp_(foreach_averages, models, 1e-3),
-            "fused_ema.lerp_, same lists": lambda: fused_ema.lerp_(averages, models, 1e-3),
-            "fused_ema.lerp_, new lists": lambda: fused_ema.lerp_(fresh[0], fresh[1], 1e-3),
+            "fused_ema.lerp_, same lists": lambda: fused_ema.lerp_(averages, models, 1e-3, backend=args.backend),
+            "fused_ema.lerp_, new lists": lambda: fused_ema.lerp_(fresh[0], fresh[1], 1e-3, backend=args.backend),
             "torch._foreach_lerp_, new lists": lambda: torch._foreach_lerp_(fresh[0], fresh[1], 1e-3),
         },
         rounds=args.rounds,
         before={"fused_ema.lerp_, new lists": new_lists, "torch._foreach_lerp_, new lists": new_lists},
+        label="timing",
     )
-    report(f"{args.count} x {args.length} float32, lists passed per call", times, [
+    report(f"{args.count} x {args.length} float32, lists passed per call, medians:", times, [
         ("same lists / foreach (<= 0.5)", "fused_ema.lerp_, same lists", "torch._foreach_lerp_"),
         ("new lists / foreach on new lists (<= 1)", "fused_ema.lerp_, new lists", "torch._foreach_lerp_, new lists"),
         ("same lists / flat", "fused_ema.lerp_, same lists", "flat lerp_"),

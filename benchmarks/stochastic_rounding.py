@@ -10,15 +10,13 @@ fused update (the kernel needs no temporaries). Contenders interleaved, medians.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
+import common  # noqa: F401  (the source tree on sys.path)
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the source tree, ahead of any installed copy
-import fused_ema  # noqa: E402
-from fused_ema.bench.timer import compare  # noqa: E402
+import fused_ema
+from fused_ema.bench.timer import compare
 
 PLAIN, FUSED = "plain bfloat16 lerp_ (one flat tensor)", "fused_ema.EMA.update (stochastic)"
 

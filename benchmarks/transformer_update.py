@@ -1,4 +1,5 @@
-"""85M-parameter transformer, fp32: EMA.update against one flat lerp_ of the same bytes.
+"""85M-parameter transformer (the zoo's nn.TransformerEncoder, BERT-base shaped), fp32: EMA.update
+against one flat lerp_ of the same bytes.
 
     python benchmarks/transformer_update.py [--rounds 15]
 
@@ -11,10 +12,11 @@ from __future__ import annotations
 import argparse
 
 import torch
-from interleaved import medians, report
-from torch import nn
+from common import report
 
 import fused_ema
+from fused_ema.bench.timer import compare
+from fused_ema.bench.zoo import transformer_encoder
 
 
 def main() -> None:
@@ -24,20 +26,16 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(768, 12, batch_first=True)
-    model = nn.TransformerEncoder(layer, 12, enable_nested_tensor=False)
+    model = transformer_encoder()
     numel = sum(parameter.numel() for parameter in model.parameters())
     flat_model = torch.randn(numel)
     flat_average = flat_model.clone()
     ema = fused_ema.EMA(model, decay=0.999, backend=args.backend)
 
-    times = medians(
-        {"flat lerp_": lambda: flat_average.lerp_(flat_model, 1e-3), "EMA.update": ema.update},
-        rounds=args.rounds,
-    )
-    report(f"transformer, {numel / 1e6:.1f}M float32 parameters", times, [
-        ("EMA / flat (<= 1.05)", "EMA.update", "flat lerp_"),
-    ])
+    times = compare({"flat lerp_": lambda: flat_average.lerp_(flat_model, 1e-3), "EMA.update": ema.update},
+                    baseline="flat lerp_", rounds=args.rounds, label="timing")
+    report(f"transformer, {numel / 1e6:.1f}M float32 parameters in {len(list(model.parameters()))} tensors, "
+           f"{torch.get_num_threads()} threads, medians:", times, [("EMA / flat (<= 1.05)", "EMA.update", "flat lerp_")])
 
 
 if __name__ == "__main__":

@@ -26,6 +26,46 @@ constexpr int64_t kCheckGrain = 512;
 // Three stages ahead: the Python object, then the TensorImpl it holds, then its StorageImpl.
 constexpr int64_t kPrefetchAhead = 6;
 
+// CPython (3.6 to 3.13) gives every dict a version tag (PEP 509) that changes with each change of
+// its entries: an unchanged tag proves unchanged entries without reading them. 3.14 dropped the
+// field, and 3.12 deprecated it, so its use is guarded at compile time and proven once at run time
+// (a dict changed three ways must show three new tags); otherwise every check compares the entries.
+#if PY_VERSION_HEX >= 0x03060000 && PY_VERSION_HEX < 0x030E0000
+#define FUSED_EMA_DICT_VERSION 1
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+#endif
+uint64_t read_version(PyObject* dict) { return reinterpret_cast<PyDictObject*>(dict)->ma_version_tag; }
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
+#else
+uint64_t read_version(PyObject*) { return 0; }
+#endif
+
+bool version_tags_follow_changes() {
+#ifdef FUSED_EMA_DICT_VERSION
+  static const bool follow = [] {
+    pybind11::dict probe;
+    pybind11::object key = pybind11::str("key"), first = pybind11::int_(1), second = pybind11::int_(2);
+    probe[key] = first;
+    const uint64_t added = read_version(probe.ptr());
+    probe[key] = second;
+    const uint64_t replaced = read_version(probe.ptr());
+    PyDict_DelItem(probe.ptr(), key.ptr());
+    const uint64_t removed = read_version(probe.ptr());
+    return added != 0 && replaced != added && removed != replaced && removed != added;
+  }();
+  return follow;
+#else
+  return false;
+#endif
+}
+
+// 0 (never equal to a recorded tag, as no recorded tag is 0) when tags cannot be trusted.
+uint64_t dict_version(PyObject* dict) { return version_tags_follow_changes() ? read_version(dict) : 0; }
+
 const char* state_name(WatchState state) {
   switch (state) {
     case WatchState::kUnchanged: return "unchanged";
@@ -156,7 +196,8 @@ DictWatch::DictWatch(const pybind11::sequence& dicts) {
     pybind11::object dict = dicts[index];
     TORCH_CHECK_TYPE(PyDict_Check(dict.ptr()), "fused_ema: DictWatch got a ", Py_TYPE(dict.ptr())->tp_name,
                      " at position ", index, "; pass dicts only");
-    dicts_.push_back({dict.ptr(), PyDict_GET_SIZE(dict.ptr()), static_cast<int64_t>(items_.size())});
+    dicts_.push_back(
+        {dict.ptr(), PyDict_GET_SIZE(dict.ptr()), static_cast<int64_t>(items_.size()), dict_version(dict.ptr())});
     Py_ssize_t position = 0;
     PyObject *key = nullptr, *value = nullptr;
     while (PyDict_Next(dict.ptr(), &position, &key, &value)) {
@@ -169,12 +210,13 @@ DictWatch::DictWatch(const pybind11::sequence& dicts) {
   }
 }
 
-bool DictWatch::changed() const {
-  for (const Snapshot& snapshot : dicts_) {
+bool DictWatch::changed() {
+  for (Snapshot& snapshot : dicts_) {
     if (PyDict_GET_SIZE(snapshot.dict) != snapshot.size) {
       return true;
     }
-    if (snapshot.size == 0) {
+    const uint64_t version = dict_version(snapshot.dict);
+    if (snapshot.size == 0 || (version != 0 && version == snapshot.version)) {
       continue;
     }
     const PyObject* const* item = items_.data() + snapshot.first;
@@ -186,6 +228,9 @@ bool DictWatch::changed() const {
       }
       item += 2;
     }
+    // The same entries under a new tag (a value set to itself, a key deleted and put back): the
+    // next check trusts the new tag.
+    snapshot.version = version;
   }
   return false;
 }

@@ -83,14 +83,16 @@ class DictWatch {
   explicit DictWatch(const pybind11::sequence& dicts);
 
   // Whether any dict gained, lost or replaced an entry (keys and values compared by identity).
-  bool changed() const;
+  // A dict whose version tag (PEP 509) is as recorded is not read at all: O(1) per dict.
+  bool changed();
   int64_t size() const { return static_cast<int64_t>(dicts_.size()); }
 
  private:
   struct Snapshot {
     PyObject* dict;
     Py_ssize_t size;
-    int64_t first;  // index of its first key in items_ (key, value, key, value, ...)
+    int64_t first;     // index of its first key in items_ (key, value, key, value, ...)
+    uint64_t version;  // the dict's version tag when its entries were last compared (0: none)
   };
 
   std::vector<pybind11::object> owned_;  // dicts, keys and values: no address reused while watched

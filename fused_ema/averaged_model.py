@@ -14,6 +14,7 @@ from fused_ema import backends, selection
 from fused_ema.backends import capture, offload
 from fused_ema.backends.reference import compute_dtype
 from fused_ema.binding import Binding, check_loadable, clone_module, unwrap
+from fused_ema.plan import without_grad
 from fused_ema.rules import SWA, ConstantEMA, Rule
 
 
@@ -134,24 +135,23 @@ class AveragedModel(swa_utils.AveragedModel):
             # The count the weights are computed from must live where the graph runs: the average's device.
             average_device = next((t.device for t in self.module.parameters()), self.n_averaged.device)
             self.n_averaged = self.n_averaged.to(average_device)
-        self._mirror_n_averaged(0)
+        # The host copy of n_averaged: [count, the buffer, its version], valid while the buffer is
+        # that object at that version. A list changed in place: nn.Module.__setattr__ costs
+        # microseconds, on every update.
+        self._n_mirror = [0, self.n_averaged, self.n_averaged._version]
 
-    def _mirror_n_averaged(self, count: int) -> None:
-        # The host copy of n_averaged, valid while the buffer is this object at this version.
-        self._n_host, self._n_seen = count, (self.n_averaged, self.n_averaged._version)
-
-    def _count(self) -> int:
+    def _count(self, n_averaged: Tensor) -> int:
         """``n_averaged`` as an int: the host mirror, re-read only after the buffer was edited or replaced."""
-        seen, version = self._n_seen
-        if self.n_averaged is not seen or self.n_averaged._version != version:
-            self._mirror_n_averaged(int(self.n_averaged))  # the user changed it: one read, as torch's class
-        return self._n_host
+        mirror = self._n_mirror
+        if n_averaged is not mirror[1] or n_averaged._version != mirror[2]:
+            mirror[:] = (int(n_averaged), n_averaged, n_averaged._version)  # the user changed it: one read, as torch's
+        return mirror[0]
 
     def _apply(self, fn: Callable, recurse: bool = True) -> AveragedModel:
         # .to() / .half() on the average must not move or cast the live model's shared parameters.
         return super()._apply(selection.sparing_shared(self, fn), recurse)
 
-    @torch.no_grad()
+    @without_grad
     def update_parameters(self, model: nn.Module) -> None:
         """Fold ``model``'s current weights into the average (the first call copies them).
 
@@ -165,13 +165,14 @@ class AveragedModel(swa_utils.AveragedModel):
             capture.lerp_(plan, torch.where(count == 0, 1.0, self._rule.weight_tensor(count)).reshape(1))
             self.n_averaged.add_(1)
             return
-        count = self._count()
+        n_averaged = self.n_averaged
+        count = self._count(n_averaged)
         if self._rule is not None:
             plan.lerp_([1.0 if count == 0 else self._rule(count)])
         else:
             self._update_with_function(plan, count)
-        self.n_averaged.add_(1)  # in place on its device: no sync
-        self._mirror_n_averaged(count + 1)
+        n_averaged.add_(1)  # in place on its device: no sync
+        self._n_mirror[:] = (count + 1, n_averaged, n_averaged._version)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """As ``nn.Module.load_state_dict``, but all or nothing: a load that raises changes nothing.

@@ -16,6 +16,7 @@ from fused_ema import backends, distributed, selection
 from fused_ema import rules as rules_module
 from fused_ema.backends import capture
 from fused_ema.binding import Binding, check_loadable, clone_module, pack_, unwrap
+from fused_ema.plan import without_grad
 from fused_ema.rounding import rounding_key
 
 
@@ -176,7 +177,7 @@ class EMA(nn.Module):
                 f"there, not the training ones; call {method}() after the block"
             )
 
-    @torch.no_grad()
+    @without_grad
     def update(self, model: nn.Module | None = None, step: int | None = None) -> None:
         """Fold the model's current weights into every average.
 
@@ -193,24 +194,26 @@ class EMA(nn.Module):
         elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
         plan = self._binding.plan(self._live(model))
+        # Counters are set with object.__setattr__: nn.Module.__setattr__ looks for parameters,
+        # buffers and submodules first, microseconds per update for two ints.
         if step < self.update_after_step:
             weights = [1.0] * len(self.rules)
         elif step % self.update_every:
-            self.step = step + 1
+            object.__setattr__(self, "step", step + 1)
             return
         else:
             weights = [rule(self.num_updates) for rule in self.rules]
         if self.skip_nonfinite and not distributed.finite_on_every_rank(plan.models_finite(), self._mesh):
             self.skipped_updates += 1
             warnings.warn(f"EMA update at step {step} skipped: the model has inf or nan values", stacklevel=2)
-            self.step = step + 1
+            object.__setattr__(self, "step", step + 1)
             return
         keys = None
         if self.stochastic_rounding:
             keys = [rounding_key(self.seed, step, index) for index in range(len(self.rules))]
         plan.lerp_(weights, keys)
-        self.step = step + 1
-        self.num_updates = 0 if step < self.update_after_step else self.num_updates + 1
+        object.__setattr__(self, "step", step + 1)
+        object.__setattr__(self, "num_updates", 0 if step < self.update_after_step else self.num_updates + 1)
 
     def _update_capturable(self, model: nn.Module | None, step: int | None) -> None:
         """The update with weights computed on the device from a device count: capturable in a CUDA graph."""

@@ -8,7 +8,7 @@ import torch
 
 from fused_ema import backends
 from fused_ema.backends import capture
-from fused_ema.plan import Plan, check_weights, traced_lerp_
+from fused_ema.plan import Plan, check_weights, traced_lerp_, without_grad
 from fused_ema.rounding import rounding_key
 
 
@@ -20,7 +20,7 @@ def _rounding_keys(stochastic_rounding: bool, seed: int, step: int, sets: int) -
     return [rounding_key(seed, step, set_index) for set_index in range(sets)]
 
 
-@torch.no_grad()
+@without_grad
 def lerp_(
     averages: Sequence[torch.Tensor],
     models: Sequence[torch.Tensor],
@@ -47,7 +47,7 @@ def lerp_(
                 stochastic_rounding=stochastic_rounding, seed=seed, step=step)
 
 
-@torch.no_grad()
+@without_grad
 def multi_lerp_(
     average_sets: Sequence[Sequence[torch.Tensor]],
     models: Sequence[torch.Tensor],

@@ -6,7 +6,9 @@ grouped and nothing of the math: the weight arrives from the caller, the kernels
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 
@@ -16,7 +18,27 @@ from fused_ema.backends.base import KERNEL_DTYPES, FusedBackend, Group, StalePla
 from fused_ema.rules import check_unit
 
 __all__ = ["Group", "Plan", "StalePlanError", "check_pairs", "check_weights", "is_dense", "local_tensor",
-           "traced_lerp_"]
+           "traced_lerp_", "without_grad"]
+
+
+Function = TypeVar("Function", bound=Callable)
+
+
+def without_grad(function: Function) -> Function:
+    """``torch.no_grad()`` as a decorator, free when grad mode is already off.
+
+    An update nests three such calls (the wrapper's update, ``Plan.lerp_``, ``Plan.copy_``);
+    ``torch.no_grad()`` costs microseconds at each, a fifth of a small model's whole update.
+    """
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return function(*args, **kwargs)
+        with torch.no_grad():
+            return function(*args, **kwargs)
+
+    return call  # type: ignore[return-value]
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -147,7 +169,7 @@ class Plan:
         """The backend each group runs on, e.g. ``['cpu']``."""
         return [group.backend.name for group in self.groups]
 
-    @torch.no_grad()
+    @without_grad
     def lerp_(self, weights: Sequence[float], rounding_keys: Sequence[int] | None = None) -> None:
         """``average_k += weights[k] * (model - average_k)`` for every pair, in one call per group."""
         if len(weights) != len(self.average_sets):
@@ -187,7 +209,7 @@ class Plan:
                     torch._foreach_copy_(group.averages[index], group.models)
         self.copy_()
 
-    @torch.no_grad()
+    @without_grad
     def copy_(self) -> None:
         """Copy the pairs that are kept in sync rather than averaged (integer and listed buffers)."""
         if self.copy_targets:

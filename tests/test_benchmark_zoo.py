@@ -207,6 +207,16 @@ def test_timer_calls_per_sample_warm_calls_and_sparse_contenders():
     assert (times.timings["B"].calls, len(times.timings["B"].samples)) == (1, 2)
 
 
+def test_timer_runs_before_each_timed_call_untimed():
+    log: list[str] = []
+    contenders = _logging_contenders(log, "AB")
+    bench.compare(contenders, rounds=2, warmup=1, calls={"A": 2}, before={"A": lambda: log.append("a")})
+    # Warm-up "aA", "B"; round 0: A's two calls each after "a", then B; round 1 rotated: B, then A.
+    assert "".join(log) == "aAB" + "aAaAB" + "BaAaA"
+    with pytest.raises(ValueError, match="not contenders"):
+        bench.compare(contenders, before={"C": lambda: None})
+
+
 def test_timer_drops_rounds_past_the_minimum_once_out_of_time():
     log: list[str] = []
     times = bench.compare(_logging_contenders(log, "AB"), rounds=10, warmup=0, min_rounds=2, max_seconds=-1.0)

@@ -44,8 +44,17 @@ def _no_sync() -> None:
     pass
 
 
-def time_calls(update: Update, calls: int = 1, synchronize: Update = _no_sync) -> float:
-    """Seconds per call of ``calls`` back-to-back calls of ``update``, device work included."""
+def time_calls(update: Update, calls: int = 1, synchronize: Update = _no_sync, before: Update | None = None) -> float:
+    """Seconds per call of ``calls`` back-to-back calls of ``update``, device work included.
+
+    ``before``, when given, runs untimed before each call (so each call is timed on its own).
+    """
+    if before is not None:
+        total = 0.0
+        for _ in range(calls):
+            before()
+            total += time_calls(update, 1, synchronize)
+        return total / calls
     synchronize()
     start = time.perf_counter()
     for _ in range(calls):
@@ -146,6 +155,7 @@ def compare(
     min_rounds: int | None = None,
     max_seconds: float | None = None,
     label: str | None = None,
+    before: Mapping[str, Update] | None = None,
 ) -> Comparison:
     """Time ``contenders`` (name -> zero-argument update) interleaved and return their medians.
 
@@ -161,10 +171,15 @@ def compare(
     - ``max_seconds``: once the timed rounds have taken this long, the rounds after ``min_rounds``
       are dropped (a machine that got busy mid-run keeps the run's length bounded).
     - ``label``: draw a progress bar with this label.
+    - ``before``: name -> an untimed call before each timed call of that contender: the disturbance
+      it is measured under (another library's update, a module created), or fresh inputs.
 
     Runs under :func:`quiet` (no garbage collection, no autograd).
     """
     names = list(contenders)
+    before = dict(before or {})
+    if set(before) - set(names):
+        raise ValueError(f"before names {sorted(set(before) - set(names))}, which are not contenders ({', '.join(names)})")
     if baseline is not None and baseline not in contenders:
         raise ValueError(f"baseline must be one of the contenders ({', '.join(names)}), got {baseline!r}")
     if rounds < 1:
@@ -176,6 +191,8 @@ def compare(
     with quiet():
         for _ in range(warmup):
             for name in names:
+                if name in before:
+                    before[name]()
                 contenders[name]()
         synchronize()
         steps = progress(range(rounds), label) if label is not None else range(rounds)
@@ -189,5 +206,5 @@ def compare(
                     continue
                 if warm_each_sample:
                     contenders[name]()
-                samples[name].append(time_calls(contenders[name], per_name[name], synchronize))
+                samples[name].append(time_calls(contenders[name], per_name[name], synchronize, before.get(name)))
     return Comparison({name: Timing(name, samples[name], per_name[name]) for name in names}, baseline)
