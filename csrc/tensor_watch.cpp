@@ -189,24 +189,33 @@ WatchState TensorWatch::refresh() {
   return moved ? WatchState::kMoved : WatchState::kUnchanged;
 }
 
-DictWatch::DictWatch(const pybind11::sequence& dicts) {
+DictWatch::DictWatch(const pybind11::sequence& dicts, const pybind11::object& ignored) {
   const auto count = static_cast<size_t>(pybind11::len(dicts));
+  const bool has_ignored = !ignored.is_none();
+  TORCH_CHECK_VALUE(!has_ignored || static_cast<size_t>(pybind11::len(ignored)) == count, "fused_ema: DictWatch got ",
+                    count, " dicts but ", has_ignored ? pybind11::len(ignored) : 0,
+                    " ignored-key sets; pass one (a set or None) per dict");
   dicts_.reserve(count);
   for (size_t index = 0; index < count; ++index) {
     pybind11::object dict = dicts[index];
     TORCH_CHECK_TYPE(PyDict_Check(dict.ptr()), "fused_ema: DictWatch got a ", Py_TYPE(dict.ptr())->tp_name,
                      " at position ", index, "; pass dicts only");
-    dicts_.push_back(
-        {dict.ptr(), PyDict_GET_SIZE(dict.ptr()), static_cast<int64_t>(items_.size()), dict_version(dict.ptr())});
+    pybind11::object keys = has_ignored ? pybind11::object(ignored[pybind11::int_(index)]) : pybind11::none();
+    TORCH_CHECK_TYPE(keys.is_none() || PyAnySet_Check(keys.ptr()), "fused_ema: DictWatch got a ",
+                     Py_TYPE(keys.ptr())->tp_name, " as ignored keys at position ", index, "; pass a set or None");
+    dicts_.push_back({dict.ptr(), keys.is_none() ? nullptr : keys.ptr(), PyDict_GET_SIZE(dict.ptr()),
+                      static_cast<int64_t>(items_.size()), dict_version(dict.ptr())});
     Py_ssize_t position = 0;
     PyObject *key = nullptr, *value = nullptr;
     while (PyDict_Next(dict.ptr(), &position, &key, &value)) {
       items_.push_back(key);
       items_.push_back(value);
-      owned_.push_back(pybind11::reinterpret_borrow<pybind11::object>(key));
-      owned_.push_back(pybind11::reinterpret_borrow<pybind11::object>(value));
+      owned_items_.push_back(pybind11::reinterpret_borrow<pybind11::object>(key));
+      owned_items_.push_back(pybind11::reinterpret_borrow<pybind11::object>(value));
+      ignored_.push_back(!keys.is_none() && PySet_Contains(keys.ptr(), key) == 1);
     }
     owned_.push_back(std::move(dict));
+    owned_.push_back(std::move(keys));
   }
 }
 
@@ -219,16 +228,26 @@ bool DictWatch::changed() {
     if (snapshot.size == 0 || (version != 0 && version == snapshot.version)) {
       continue;
     }
-    const PyObject* const* item = items_.data() + snapshot.first;
+    int64_t entry = snapshot.first / 2;
     Py_ssize_t position = 0;
     PyObject *key = nullptr, *value = nullptr;
     while (PyDict_Next(snapshot.dict, &position, &key, &value)) {
-      if (key != item[0] || value != item[1]) {
+      PyObject** item = items_.data() + 2 * entry;
+      if (key != item[0]) {
         return true;
       }
-      item += 2;
+      if (value != item[1]) {
+        // A value of an ignored key (ignored when the snapshot was taken and still now) may change:
+        // the snapshot follows it, so the old value is not kept alive.
+        if (!ignored_[entry] || PySet_Contains(snapshot.ignored, key) != 1) {
+          return true;
+        }
+        item[1] = value;
+        owned_items_[2 * entry + 1] = pybind11::reinterpret_borrow<pybind11::object>(value);
+      }
+      ++entry;
     }
-    // The same entries under a new tag (a value set to itself, a key deleted and put back): the
+    // The same entries under a new tag (a value set to itself, an ignored key's new value): the
     // next check trusts the new tag.
     snapshot.version = version;
   }
@@ -252,10 +271,13 @@ any TensorImpl, so swap_tensors works on the watched tensors.)")
       .def("__len__", &TensorWatch::size);
   py::class_<DictWatch>(module, "DictWatch", R"(A snapshot of dicts' entries, compared by identity.
 
-DictWatch(dicts); changed() is True once any dict gained, lost or replaced a key or value. Given a
-module's _parameters, _buffers and _modules dicts, it notices every registration, replacement and
-removal, including `module._parameters[name] = p`, which runs no registration hook.)")
-      .def(py::init<const py::sequence&>(), py::arg("dicts"))
+DictWatch(dicts, ignored=None); changed() is True once any dict gained, lost or replaced a key or
+value. Given a module's _parameters, _buffers and _modules dicts, it notices every registration,
+replacement and removal, including `module._parameters[name] = p`, which runs no registration hook.
+ignored (one set or None per dict, read at every check): keys whose values may be replaced unnoticed
+while they are in the set, as they were when the watch was made (a module's
+_non_persistent_buffers_set: a rotary cache reassigned in each forward is no part of an average).)")
+      .def(py::init<const py::sequence&, const py::object&>(), py::arg("dicts"), py::arg("ignored") = py::none())
       .def("changed", &DictWatch::changed)
       .def("__len__", &DictWatch::size);
 }

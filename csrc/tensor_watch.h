@@ -80,9 +80,11 @@ class TensorWatch {
 
 class DictWatch {
  public:
-  explicit DictWatch(const pybind11::sequence& dicts);
+  // ignored: None, or one Python set (or None) per dict: keys whose values may change unnoticed.
+  DictWatch(const pybind11::sequence& dicts, const pybind11::object& ignored);
 
-  // Whether any dict gained, lost or replaced an entry (keys and values compared by identity).
+  // Whether any dict gained, lost or replaced an entry (keys and values compared by identity),
+  // not counting a new value of a key that is in its dict's ignored set now and was at the snapshot.
   // A dict whose version tag (PEP 509) is as recorded is not read at all: O(1) per dict.
   bool changed();
   int64_t size() const { return static_cast<int64_t>(dicts_.size()); }
@@ -90,14 +92,17 @@ class DictWatch {
  private:
   struct Snapshot {
     PyObject* dict;
+    PyObject* ignored;  // a set, or nullptr
     Py_ssize_t size;
     int64_t first;     // index of its first key in items_ (key, value, key, value, ...)
     uint64_t version;  // the dict's version tag when its entries were last compared (0: none)
   };
 
-  std::vector<pybind11::object> owned_;  // dicts, keys and values: no address reused while watched
+  std::vector<pybind11::object> owned_;        // dicts and ignored sets
+  std::vector<pybind11::object> owned_items_;  // items_'s objects: no address reused while watched
   std::vector<Snapshot> dicts_;
   std::vector<PyObject*> items_;
+  std::vector<bool> ignored_;  // per entry: its key was ignored when the snapshot was taken
 };
 
 void bind_watches(pybind11::module_& module);

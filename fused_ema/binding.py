@@ -27,32 +27,38 @@ from fused_ema.plan import Plan, is_dense
 class _PythonDictWatch:
     """The C++ ``DictWatch`` (csrc/tensor_watch.h) when the extension is not built: same answers, slower."""
 
-    def __init__(self, dicts: Sequence[dict]) -> None:
-        self._snapshot = [(d, list(d.items())) for d in dicts]
+    def __init__(self, dicts: Sequence[dict], ignored: Sequence[set | None]) -> None:
+        self._snapshot = [(d, list(d.items()), keys, {k for k in d if k in keys} if keys else set())
+                          for d, keys in zip(dicts, ignored)]
 
     def changed(self) -> bool:
         return any(
             len(d) != len(items) or any(
-                key is not old_key or value is not old_value
+                key is not old_key or (value is not old_value and not (key in was_ignored and key in keys))
                 for (key, value), (old_key, old_value) in zip(d.items(), items)
             )
-            for d, items in self._snapshot
+            for d, items, keys, was_ignored in self._snapshot
         )
 
 
 def _watch_registrations(modules: Iterable[nn.Module]):
     """A check that turns True once a parameter, buffer or submodule of ``modules`` is registered,
-    replaced or removed (every submodule included; entries compared by identity)."""
+    replaced or removed (every submodule included; entries compared by identity).
+
+    A non-persistent buffer may be replaced unnoticed (a rotary cache reassigned in each forward):
+    it is no part of the average, and rebuilding the plan for it would cost every update.
+    """
     seen: set[int] = set()
-    dicts = []
+    dicts, ignored = [], []
     for module in modules:
         for submodule in module.modules():
             if id(submodule) not in seen:
                 seen.add(id(submodule))
                 dicts += (submodule._parameters, submodule._buffers, submodule._modules)
+                ignored += (None, submodule._non_persistent_buffers_set, None)
     # The extension as the cpu backend loaded it; never compiled here just for this check.
     extension = getattr(sys.modules.get("fused_ema.ops"), "_C", None)
-    return _PythonDictWatch(dicts) if extension is None else extension.DictWatch(dicts)
+    return _PythonDictWatch(dicts, ignored) if extension is None else extension.DictWatch(dicts, ignored)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

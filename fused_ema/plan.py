@@ -190,6 +190,14 @@ class Plan:
             self._run(weights, rounding_keys)
 
     def _run(self, weights: list[float], rounding_keys: Sequence[int] | None) -> None:
+        if 1.0 not in weights and len(self.groups) == 1:
+            # The usual update: one group, nothing to copy first, so its backend may check and run
+            # in one call.
+            group = self.groups[0]
+            group.backend.checked_lerp_(group, weights, rounding_keys)
+            self.copy_()
+            return
+        # Every group is checked before any writes: a stale group must leave the others unwritten.
         if any(group.backend.is_stale(group) for group in self.groups):
             raise StalePlanError
         # Weight 1 is a copy: lerp's end - (end - average) * 0 keeps a NaN or inf of the average

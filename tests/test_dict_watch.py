@@ -71,3 +71,48 @@ def test_module_registration_is_seen_after_many_checks():
     assert not watch.changed()
     module.register_buffer("scale", torch.ones(1))
     assert watch.changed()
+
+
+def _watches(dicts, ignored):
+    """The C++ watch and the pure-Python one the package uses without the extension: same answers."""
+    from fused_ema.modules import _PythonDictWatch
+
+    return [ops._C.DictWatch(dicts, ignored), _PythonDictWatch(dicts, ignored)]
+
+
+def test_a_value_of_an_ignored_key_may_change():
+    watched, keys = {"a": A, "cache": B}, {"cache"}
+    for watch in _watches([watched], [keys]):
+        watched["cache"] = C
+        assert not watch.changed()
+        watched["cache"] = A
+        assert not watch.changed()
+        watched["a"] = B  # a key that is not ignored still counts
+        assert watch.changed()
+        watched["a"] = A
+
+
+@pytest.mark.parametrize("change", ["key added", "key removed", "key no longer ignored", "key ignored later"])
+def test_ignored_keys_still_count_when_added_removed_or_not_ignored_at_both_ends(change):
+    for make in (0, 1):
+        watched, keys = {"a": A, "cache": B}, {"cache"}
+        watch = _watches([watched], [keys])[make]
+        if change == "key added":
+            keys.add("extra")
+            watched["extra"] = C
+        elif change == "key removed":
+            del watched["cache"]
+        elif change == "key no longer ignored":  # register_buffer(name, t, persistent=True)
+            keys.discard("cache")
+            watched["cache"] = C
+        else:  # register_buffer(name, t, persistent=False) over a persistent buffer
+            keys.add("a")
+            watched["a"] = C
+        assert watch.changed()
+
+
+def test_ignored_sets_are_checked():
+    with pytest.raises(ValueError, match="one \\(a set or None\\) per dict"):
+        ops._C.DictWatch([{}, {}], [None])
+    with pytest.raises(TypeError, match="pass a set or None"):
+        ops._C.DictWatch([{}], [["a"]])

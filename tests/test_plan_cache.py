@@ -166,3 +166,43 @@ def test_plan_reused_while_nothing_changes(backend):
             parameter.data = parameter.data.clone()  # storage swaps are the tables' to follow
     ema.update()
     assert ema._binding.plan_builds == 1
+
+
+class _Rotary(nn.Module):
+    """A layer that reassigns a non-persistent cache in every forward, as some rotary embeddings do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.register_buffer("cos_cached", torch.zeros(4), persistent=False)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        self.cos_cached = torch.cos(torch.arange(inputs.shape[-1], dtype=inputs.dtype))
+        return self.linear(inputs) * self.cos_cached
+
+
+@pytest.mark.parametrize("include_buffers", [False, True])
+def test_non_persistent_buffer_reassigned_in_forward_does_not_rebuild(backend, include_buffers):
+    model = _Rotary()
+    ema = fused_ema.EMA(model, decay=0.5, backend=backend, include_buffers=include_buffers)
+    for _ in range(4):
+        model(torch.randn(2, 4))
+        ema.module(torch.randn(2, 4))  # the averaged copy reassigns its own cache too
+        _nudge(model)
+        expected = _expected_after_update(ema.module, model, 0.5)
+        ema.update()
+        _assert_averages(ema.module, expected)
+    assert ema._binding.plan_builds == 1
+
+
+def test_buffer_made_non_persistent_under_its_name_rebuilds(backend):
+    """A persistent buffer re-registered as non-persistent leaves the average: that change is noticed."""
+    model = _model()
+    ema = fused_ema.EMA(model, decay=0.5, backend=backend)
+    ema.update()
+    model[1].register_buffer("running_mean", torch.ones(3), persistent=False)
+    with pytest.raises(ValueError, match="no buffer '1.running_mean'"):  # noticed: the two no longer pair up
+        ema.update()
+    ema.module[1].register_buffer("running_mean", torch.ones(3), persistent=False)
+    ema.update()
+    assert ema._binding.plan_builds == 2

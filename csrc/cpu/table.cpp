@@ -54,14 +54,17 @@ class CpuTable {
     return false;
   }
 
-  void lerp_(const std::vector<double>& weights, const std::optional<std::vector<int64_t>>& rounding_keys) {
+  // Checks the tensors (unless refresh() just did) and runs the table: one call, so the check's
+  // parallel pass and the kernel's follow each other without waking the worker threads twice.
+  // False, having written nothing, when the table is stale.
+  bool lerp_(const std::vector<double>& weights, const std::optional<std::vector<int64_t>>& rounding_keys) {
     if (!checked_ && refresh()) {
-      TORCH_CHECK(false, "fused_ema: a tensor of this CpuTable changed dtype, device, shape or strides since it "
-                         "was built; build a new table (Plan.lerp_ does this by regrouping)");
+      return false;
     }
     checked_ = false;
     py::gil_scoped_release no_gil;  // the table holds addresses only; the plan keeps the tensors
     table_.run(weights, rounding_keys);
+    return true;
   }
 
   int64_t numel() const { return table_.numel(); }

@@ -116,6 +116,16 @@ class Backend:
         """``averages[k][i] <- lerp(averages[k][i], models[i], weights[k])`` for every pair of ``group``."""
         raise NotImplementedError
 
+    def checked_lerp_(self, group: Group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
+        """``lerp_`` after ``is_stale``: :class:`StalePlanError`, with nothing written, when a tensor changed.
+
+        A backend may do both in one call (the cpu backend does: its check and its kernel then
+        share one wake-up of the worker threads).
+        """
+        if self.is_stale(group):
+            raise StalePlanError
+        self.lerp_(group, weights, rounding_keys)
+
 
 class FusedBackend(Backend):
     """A kernel that walks a chunk table built once per group: the cpu, triton and cuda backends.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fused_ema.backends.base import FusedBackend, Group
+from fused_ema.backends.base import FusedBackend, Group, StalePlanError
 
 
 def _ops():
@@ -52,7 +52,15 @@ class CpuBackend(FusedBackend):
         return table.refresh()
 
     def run_table(self, group: Group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
-        self._table(group).lerp_(weights, rounding_keys)
+        if not self._table(group).lerp_(weights, rounding_keys):
+            raise StalePlanError
+
+    def checked_lerp_(self, group: Group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
+        # The table's lerp_ checks and runs in one call (False: stale, nothing written).
+        if "cpu_table" not in group.cache:
+            super().checked_lerp_(group, weights, rounding_keys)  # the first update builds the table
+        elif not group.cache["cpu_table"].lerp_(weights, rounding_keys):
+            raise StalePlanError
 
     @staticmethod
     def _table(group: Group):
