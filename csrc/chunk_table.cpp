@@ -13,6 +13,15 @@ TableLauncher& cuda_table_launcher() {
   return launcher;
 }
 
+TensorRefs refs(const std::vector<at::Tensor>& tensors) {
+  TensorRefs result;
+  result.reserve(tensors.size());
+  for (const at::Tensor& tensor : tensors) {
+    result.push_back(&tensor);
+  }
+  return result;
+}
+
 at::Tensor to_tensor(const std::vector<int64_t>& values, int64_t columns) {
   at::Tensor tensor = at::empty({static_cast<int64_t>(values.size()) / columns, columns}, at::kLong);
   std::copy(values.begin(), values.end(), tensor.data_ptr<int64_t>());
@@ -26,53 +35,88 @@ bool register_cuda_table_launcher(TableLauncher launcher) {
   return true;
 }
 
-ChunkTables build_chunk_tables(const std::vector<at::Tensor>& averages, const std::vector<at::Tensor>& models,
-                               const std::vector<int64_t>& tensor_indices, int64_t sets, int64_t chunk_elements) {
-  const auto count = static_cast<int64_t>(models.size());
+std::string pair_problem(const at::Tensor& average, const at::Tensor& model) {
+  if (average.device() != model.device()) {
+    return "is on two devices (average on " + average.device().str() + ", model on " + model.device().str() + ")";
+  }
+  if (average.sizes() != model.sizes()) {
+    return "has an average of shape " + c10::str(average.sizes()) + " and a model of shape " +
+           c10::str(model.sizes()) + "; a pair must match in shape and strides";
+  }
+  if (!average.is_non_overlapping_and_dense() || !model.is_non_overlapping_and_dense()) {
+    return "is not dense (a strided view)";
+  }
+  if (average.strides() != model.strides()) {
+    return "has an average with strides " + c10::str(average.strides()) + " and a model with strides " +
+           c10::str(model.strides()) + "; a pair must match in shape and strides";
+  }
+  return {};
+}
+
+void check_table_counts(int64_t averages, int64_t models, int64_t tensor_indices, int64_t sets) {
   TORCH_CHECK_VALUE(sets >= 1 && sets <= kMaxSets, "fused_ema: a chunk table holds 1 to ", kMaxSets,
                     " average sets, got ", sets, "; split them over several calls");
-  TORCH_CHECK_VALUE(static_cast<int64_t>(averages.size()) == sets * count, "fused_ema: expected ", sets, " x ", count,
-                    " averages (set-major), got ", averages.size());
-  TORCH_CHECK_VALUE(static_cast<int64_t>(tensor_indices.size()) == count, "fused_ema: expected ", count,
-                    " tensor_indices, got ", tensor_indices.size());
+  TORCH_CHECK_VALUE(averages == sets * models, "fused_ema: expected ", sets, " x ", models,
+                    " averages (set-major), got ", averages);
+  TORCH_CHECK_VALUE(tensor_indices == models, "fused_ema: expected ", models, " tensor_indices, got ",
+                    tensor_indices);
+}
+
+void reject_pair(const TensorRefs& averages, const TensorRefs& models, int64_t set, int64_t i,
+                 const std::string& problem) {
+  const auto count = static_cast<int64_t>(models.size());
+  const at::Tensor& model = *models[i];
+  const at::Tensor& average = *averages[set * count + i];
+  TORCH_CHECK_TYPE(model.scalar_type() == models[0]->scalar_type(), "fused_ema: models[", i, "] is ",
+                   model.scalar_type(), " but models[0] is ", models[0]->scalar_type(),
+                   "; one table holds one dtype pair");
+  TORCH_CHECK_VALUE(model.device() == models[0]->device(), "fused_ema: models[", i, "] is on ", model.device(),
+                    " but models[0] on ", models[0]->device(), "; one table holds one device");
+  TORCH_CHECK_TYPE(average.scalar_type() == averages[0]->scalar_type(), "fused_ema: averages[", set * count + i,
+                   "] is ", average.scalar_type(), " but averages[0] is ", averages[0]->scalar_type(),
+                   "; one table holds one dtype pair (every average in one dtype, every model in one dtype)");
+  TORCH_CHECK_VALUE(false, "fused_ema: pair ", i, " of set ", set, " (averages[", set * count + i, "], models[", i,
+                    "]) ", problem, "; a chunk table needs dense pairs laid out alike (backend 'foreach' takes any)");
+}
+
+ChunkTables build_chunk_tables(const TensorRefs& averages, const TensorRefs& models,
+                               const std::vector<int64_t>& tensor_indices, int64_t sets, int64_t chunk_elements) {
   TORCH_CHECK_VALUE(chunk_elements > 0, "fused_ema: chunk_elements must be > 0, got ", chunk_elements);
   ChunkTables tables;
-  if (count == 0) return tables;
-  const at::Tensor& model_base = models[0];
-  const at::Tensor& average_base = averages[0];
-  const auto model_base_address = reinterpret_cast<uintptr_t>(model_base.data_ptr());
-  const auto average_base_address = reinterpret_cast<uintptr_t>(average_base.data_ptr());
   std::vector<int64_t> numels;
-  numels.reserve(count);
-  tables.tensors.reserve(count * tensor_row_width(sets));
-  std::vector<uintptr_t> average_addresses(sets);
-  for (int64_t i = 0; i < count; ++i) {
-    const at::Tensor& model = models[i];
-    TORCH_CHECK_VALUE(model.device() == model_base.device() && model.scalar_type() == model_base.scalar_type(),
-                      "fused_ema: models[", i, "] is ", model.scalar_type(), " on ", model.device(), " but models[0] ",
-                      model_base.scalar_type(), " on ", model_base.device(), "; one table holds one device and dtype pair");
-    TORCH_CHECK_VALUE(model.is_non_overlapping_and_dense(), "fused_ema: models[", i,
-                      "] is not dense (a strided view); a chunk table needs dense tensors");
-    for (int64_t set = 0; set < sets; ++set) {
-      const at::Tensor& average = averages[set * count + i];
-      TORCH_CHECK_VALUE(average.device() == model.device() && average.scalar_type() == average_base.scalar_type() &&
-                            average.sizes() == model.sizes() && average.strides() == model.strides(),
-                        "fused_ema: averages[", set * count + i, "] must match models[", i,
-                        "] in device, shape and strides, and averages[0] in dtype");
-      average_addresses[set] = reinterpret_cast<uintptr_t>(average.data_ptr());
-      tables.aligned = tables.aligned && average_addresses[set] % kVectorBytes == 0;
-    }
-    const auto model_address = reinterpret_cast<uintptr_t>(model.data_ptr());
-    tables.aligned = tables.aligned && model_address % kVectorBytes == 0;
-    const bool whole = append_tensor_row(tables.tensors, model_base_address, model_address, model.element_size(),
-                                         average_base_address, average_addresses, average_base.element_size(),
-                                         model.numel(), tensor_indices[i]);
-    TORCH_CHECK_VALUE(whole, "fused_ema: models[", i, "] or its averages start at an address that is not a "
-                      "multiple of the element size; clone them");
-    numels.push_back(model.numel());
-  }
+  uintptr_t model_base = 0, average_base = 0;
+  int64_t model_element_size = 0, average_element_size = 0;
+  std::vector<uintptr_t> addresses(sets);
+  walk_pairs(averages, models, static_cast<int64_t>(tensor_indices.size()), sets,
+             [&](int64_t i, const at::Tensor& model, void* const* average_addresses) {
+               if (i == 0) {
+                 model_base = reinterpret_cast<uintptr_t>(model.data_ptr());
+                 average_base = reinterpret_cast<uintptr_t>(average_addresses[0]);
+                 model_element_size = model.element_size();
+                 average_element_size = averages[0]->element_size();
+                 numels.reserve(models.size());
+                 tables.tensors.reserve(models.size() * tensor_row_width(sets));
+               }
+               const auto model_address = reinterpret_cast<uintptr_t>(model.data_ptr());
+               tables.aligned = tables.aligned && model_address % kVectorBytes == 0;
+               for (int64_t set = 0; set < sets; ++set) {
+                 addresses[set] = reinterpret_cast<uintptr_t>(average_addresses[set]);
+                 tables.aligned = tables.aligned && addresses[set] % kVectorBytes == 0;
+               }
+               const bool whole = append_tensor_row(tables.tensors, model_base, model_address, model_element_size,
+                                                    average_base, addresses, average_element_size, model.numel(),
+                                                    tensor_indices[i]);
+               TORCH_CHECK_VALUE(whole, "fused_ema: models[", i, "] or its averages start at an address that is "
+                                 "not a multiple of the element size; clone them");
+               numels.push_back(model.numel());
+             });
   tables.chunks = chunk_rows(numels, chunk_elements);
   return tables;
+}
+
+ChunkTables build_chunk_tables(const std::vector<at::Tensor>& averages, const std::vector<at::Tensor>& models,
+                               const std::vector<int64_t>& tensor_indices, int64_t sets, int64_t chunk_elements) {
+  return build_chunk_tables(refs(averages), refs(models), tensor_indices, sets, chunk_elements);
 }
 
 void bind_chunk_table(pybind11::module_& module) {

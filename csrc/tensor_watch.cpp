@@ -66,15 +66,6 @@ bool version_tags_follow_changes() {
 // 0 (never equal to a recorded tag, as no recorded tag is 0) when tags cannot be trusted.
 uint64_t dict_version(PyObject* dict) { return version_tags_follow_changes() ? read_version(dict) : 0; }
 
-const char* state_name(WatchState state) {
-  switch (state) {
-    case WatchState::kUnchanged: return "unchanged";
-    case WatchState::kMoved: return "moved";
-    case WatchState::kStale: return "stale";
-  }
-  return "stale";
-}
-
 }  // namespace
 
 const at::Tensor& unpack_tensor(PyObject* object) { return THPVariable_Unpack(object); }
@@ -256,17 +247,23 @@ bool DictWatch::changed() {
 
 void bind_watches(pybind11::module_& module) {
   namespace py = pybind11;
+  // The one answer of every staleness check of a table (TensorWatch, CpuTable, the GPU ChunkTable).
+  py::enum_<WatchState>(module, "WatchState", "What a table's refresh() found: UNCHANGED, MOVED or STALE.")
+      .value("UNCHANGED", WatchState::kUnchanged, "every tensor as in the snapshot")
+      .value("MOVED", WatchState::kMoved, "only data addresses changed; the snapshot holds the new ones")
+      .value("STALE", WatchState::kStale, "a dtype, device, shape or stride changed, or a tensor holds "
+             "another TensorImpl: tables built from the snapshot are void");
   py::class_<TensorWatch>(module, "TensorWatch", R"(A snapshot of tensors' metadata, re-checked cheaply.
 
 TensorWatch(tensors) records which TensorImpl each Python tensor holds and its dtype, device, sizes,
 strides and data address. refresh() re-reads them (metadata only: no data access, no device sync,
-fine for CUDA tensors) and returns "unchanged", "moved" (only addresses changed, e.g.
+fine for CUDA tensors) and returns a WatchState: UNCHANGED, MOVED (only addresses changed, e.g.
 `param.data = t` with the same dtype and layout; the snapshot now holds the new addresses) or
-"stale" (a dtype, device, shape or stride changed, or torch.utils.swap_tensors gave a tensor another
+STALE (a dtype, device, shape or stride changed, or torch.utils.swap_tensors gave a tensor another
 TensorImpl; sticky: build a new watch from the tensors as they are now). Holds no strong handle on
 any TensorImpl, so swap_tensors works on the watched tensors.)")
       .def(py::init<const py::sequence&>(), py::arg("tensors"))
-      .def("refresh", [](TensorWatch& self) { return state_name(self.refresh()); })
+      .def("refresh", &TensorWatch::refresh)
       .def_property_readonly("stale", &TensorWatch::stale)
       .def("__len__", &TensorWatch::size);
   py::class_<DictWatch>(module, "DictWatch", R"(A snapshot of dicts' entries, compared by identity.

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fused_ema
-from fused_ema import backends
+from fused_ema import backends, ops
 from fused_ema.plan import Plan
 from fused_ema.rounding import rounding_key
 
@@ -204,8 +204,6 @@ class TestCpuTable:
     """The persistent C++ table: follows moved storages, refuses to run on a changed layout."""
 
     def _table(self, averages, models):
-        from fused_ema import ops
-
         return ops._C.CpuTable(averages, models, list(range(len(models))), 1)
 
     def test_follows_a_moved_storage(self):
@@ -213,7 +211,8 @@ class TestCpuTable:
         average = torch.zeros(100)
         table = self._table([average], [parameter])
         parameter.data = torch.ones(100)
-        assert table.refresh() is False
+        assert table.refresh() == ops._C.WatchState.MOVED  # followed: the table was rebuilt
+        assert table.refresh() == ops._C.WatchState.UNCHANGED
         assert table.lerp_([0.5]) is True
         assert torch.equal(average, torch.full((100,), 0.5))
         parameter.data = torch.zeros(100)  # moved again: lerp_ checks by itself when refresh() was not called
@@ -232,7 +231,7 @@ class TestCpuTable:
         else:
             parameter.data = torch.ones(4, 6).t()
         assert table.lerp_([0.5]) is False  # checks by itself, writes nothing
-        assert table.refresh() is True
+        assert table.refresh() == ops._C.WatchState.STALE
         assert table.lerp_([0.5]) is False
         assert torch.equal(average, torch.zeros(6, 4))
 

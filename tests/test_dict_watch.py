@@ -75,7 +75,7 @@ def test_module_registration_is_seen_after_many_checks():
 
 def _watches(dicts, ignored):
     """The C++ watch and the pure-Python one the package uses without the extension: same answers."""
-    from fused_ema.modules import _PythonDictWatch
+    from fused_ema.binding import _PythonDictWatch
 
     return [ops._C.DictWatch(dicts, ignored), _PythonDictWatch(dicts, ignored)]
 

@@ -53,8 +53,11 @@ def test_builder_matches_the_closed_form(chunk_elements, dtypes):
     assert aligned is False  # storage[300:301] starts 300 elements in: not 16-byte aligned for every dtype
 
 
-@pytest.mark.parametrize("problem", ["strided", "strides", "dtype", "sets", "count"])
-def test_builder_names_the_problem(problem):
+PROBLEMS = ["strided", "strides", "shape", "dtype", "model dtype", "sets", "count"]
+
+
+def _bad_pairs(problem):
+    """(averages, models, sets) with ``problem``, else a good table of two pairs."""
     models = [torch.randn(4, 6), torch.randn(5)]
     averages = [m.clone() for m in models]
     sets = 1
@@ -63,17 +66,47 @@ def test_builder_names_the_problem(problem):
         averages[0] = torch.zeros(4, 6)
     elif problem == "strides":
         averages[0] = torch.zeros(6, 4).t()
+    elif problem == "shape":
+        averages[1] = torch.zeros(6)
     elif problem == "dtype":
         averages[1] = averages[1].double()
+    elif problem == "model dtype":
+        models[1] = models[1].double()
     elif problem == "sets":
         sets = chunk_table.MAX_SETS + 1
         averages = averages * sets
     elif problem == "count":
         averages = averages[:1]
-    match = {"strided": "not dense", "strides": "shape and strides", "dtype": "in dtype",
+    return averages, models, sets
+
+
+@pytest.mark.parametrize("problem", PROBLEMS)
+def test_builder_names_the_problem(problem):
+    averages, models, sets = _bad_pairs(problem)
+    match = {"strided": "pair 0 of set 0 .*not dense", "strides": "pair 0 of set 0 .*shape and strides",
+             "shape": r"pair 1 of set 0 \(averages\[1\], models\[1\]\) has an average of shape \[6\]",
+             "dtype": r"averages\[1\] is Double but averages\[0\] is Float; one table holds one dtype pair",
+             "model dtype": r"models\[1\] is Double but models\[0\] is Float; one table holds one dtype pair",
              "sets": f"1 to {chunk_table.MAX_SETS}", "count": "averages"}[problem]
-    with pytest.raises(ValueError, match=match):
+    # A wrong dtype is a TypeError, a wrong layout or count a ValueError.
+    with pytest.raises(TypeError if "dtype" in problem else ValueError, match=match):
         ops._C.build_chunk_table(averages, models, [0, 1], sets, 64)
+
+
+@pytest.mark.parametrize("problem", PROBLEMS)
+def test_the_cpu_table_and_the_offset_table_validate_alike(problem):
+    # One walk (csrc/chunk_table_torch.h) validates the pairs of both views of the table.
+    averages, models, sets = _bad_pairs(problem)
+    errors = []
+    for build in (lambda: ops._C.build_chunk_table(averages, models, [0, 1], sets, 64),
+                  lambda: ops._C.CpuTable(averages, models, [0, 1], sets)):
+        with pytest.raises((TypeError, ValueError)) as error:
+            build()
+        errors.append((type(error.value), str(error.value).splitlines()[0]))
+    assert errors[0] == errors[1]
+    good_averages, good_models, _ = _bad_pairs(None)
+    assert len(ops._C.CpuTable(good_averages, good_models, [0, 1], 1)) == 2
+    assert ops._C.build_chunk_table(good_averages, good_models, [0, 1], 1, 64)[0].shape == (2, 4)
 
 
 def test_constants_are_defined_once_in_cpp():

@@ -85,8 +85,8 @@ def test_watched_tensors_can_be_swapped_and_the_watch_notices():
     table = ops._C.CpuTable([average], [parameter], [0], 1)
     watch = ops._C.TensorWatch([parameter])
     torch.utils.swap_tensors(parameter, nn.Parameter(torch.ones(5)))
-    assert watch.refresh() == "stale"
-    assert table.refresh() is True  # never runs on the TensorImpl it was built from
+    assert watch.refresh() == ops._C.WatchState.STALE
+    assert table.refresh() == ops._C.WatchState.STALE  # never runs on the TensorImpl it was built from
 
 
 def test_interpreted_triton_survives_swapping_conversions(monkeypatch):

@@ -1,9 +1,10 @@
 """TensorWatch (csrc/tensor_watch.h): the staleness check every fused backend's table shares.
 
-refresh() must report "moved" for a storage swap that keeps dtype and layout (the table follows it),
-"stale" for any change of dtype, shape, strides or device (the table must never run again), and
-"unchanged" otherwise. The GPU backends' ChunkTable follows it; exercised here on CPU tensors
-standing in for device ones.
+refresh() must report MOVED for a storage swap that keeps dtype and layout (the table follows it),
+STALE for any change of dtype, shape, strides or device (the table must never run again), and
+UNCHANGED otherwise (``_C.WatchState``, the one answer of every table's refresh()). The GPU backends'
+ChunkTable and the CPU backend's CpuTable follow it; exercised here on CPU tensors standing in for
+device ones.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from fused_ema.plan import Plan
 from helpers import DTYPES
 
 pytestmark = pytest.mark.skipif(ops._C is None, reason=f"the C++ extension is not available: {ops.UNAVAILABLE_REASON}")
+
+if ops._C is not None:
+    UNCHANGED, MOVED, STALE = ops._C.WatchState.UNCHANGED, ops._C.WatchState.MOVED, ops._C.WatchState.STALE
 
 SHAPES = ((), (0,), (7,), (3, 5), (2, 3, 4, 5, 6, 2))  # the last has more dims than TensorImpl keeps inline
 
@@ -38,7 +42,7 @@ def test_unchanged(dtype, shape):
     assert len(watch) == len(tensors)
     with torch.no_grad():
         tensors[0].mul_(2)  # values are not watched, only metadata
-    assert [watch.refresh(), watch.refresh()] == ["unchanged", "unchanged"]
+    assert [watch.refresh(), watch.refresh()] == [UNCHANGED, UNCHANGED]
     assert not watch.stale
 
 
@@ -49,15 +53,15 @@ def test_storage_swap_is_moved_once(dtype, shape):
     watch = _watch(tensors)
     with torch.no_grad():
         tensors[0].data = torch.randn(shape).to(dtype)  # a new storage of the same dtype and layout
-    assert watch.refresh() == "moved"
-    assert watch.refresh() == "unchanged"  # the snapshot now holds the new address
+    assert watch.refresh() == MOVED
+    assert watch.refresh() == UNCHANGED  # the snapshot now holds the new address
 
 
 def test_resized_storage_is_moved():
     tensor = torch.randn(8)
     watch = _watch([tensor])
     tensor.untyped_storage().resize_(1024)  # same StorageImpl, new allocation (FSDP2 does this)
-    assert watch.refresh() == "moved"
+    assert watch.refresh() == MOVED
 
 
 def test_same_address_other_offset_is_moved():
@@ -65,7 +69,7 @@ def test_same_address_other_offset_is_moved():
     view = base[:8]
     watch = _watch([view])
     view.set_(base.untyped_storage(), 8, (8,), (1,))
-    assert watch.refresh() == "moved"
+    assert watch.refresh() == MOVED
 
 
 CHANGES = {
@@ -84,11 +88,11 @@ def test_change_is_stale_and_sticky(change):
     watch = _watch(tensors)
     with torch.no_grad():
         tensors[1].data = CHANGES[change](tensors[1])
-    assert watch.refresh() == "stale"
+    assert watch.refresh() == STALE
     assert watch.stale
     with torch.no_grad():
         tensors[1].data = original  # changing it back does not revive a table built before
-    assert watch.refresh() == "stale"
+    assert watch.refresh() == STALE
 
 
 @pytest.mark.parametrize("count", [1, 5000, 40000])  # below and above the parallel threshold
@@ -97,11 +101,11 @@ def test_many_tensors(count, position):
     tensors = [torch.empty(2) for _ in range(count)]
     index = 0 if position == "first" else count - 1
     watch = _watch(tensors)
-    assert watch.refresh() == "unchanged"
+    assert watch.refresh() == UNCHANGED
     tensors[index].data = torch.empty(2)
-    assert watch.refresh() == "moved"
+    assert watch.refresh() == MOVED
     tensors[index].data = torch.empty(3)
-    assert watch.refresh() == "stale"
+    assert watch.refresh() == STALE
 
 
 def test_device_tensors_without_data():
@@ -109,11 +113,11 @@ def test_device_tensors_without_data():
     # metadata only, so it works on them (a data read would crash here, a device read would sync).
     tensors = [torch.empty(3, 4, device="meta"), torch.empty(5, device="meta", dtype=torch.bfloat16)]
     watch = _watch(tensors)
-    assert watch.refresh() == "unchanged"
+    assert watch.refresh() == UNCHANGED
     tensors[0].data = torch.empty(3, 4, device="meta")
-    assert watch.refresh() in ("unchanged", "moved")  # meta storages all sit at address 0
+    assert watch.refresh() in (UNCHANGED, MOVED)  # meta storages all sit at address 0
     tensors[1].data = torch.empty(5, device="meta")
-    assert watch.refresh() == "stale"
+    assert watch.refresh() == STALE
 
 
 def test_rejects_tensors_without_storage():

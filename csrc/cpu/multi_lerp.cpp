@@ -55,58 +55,26 @@ constexpr int64_t kGrainBlocks = 512;
 
 }  // namespace
 
-std::string pair_problem(const at::Tensor& average, const at::Tensor& model) {
-  if (!average.device().is_cpu() || !model.device().is_cpu()) {
-    return "is not on the CPU";
-  }
-  if (average.sizes() != model.sizes()) {
-    return "has an average and a model of different shapes";
-  }
-  if (!average.is_non_overlapping_and_dense() || !model.is_non_overlapping_and_dense()) {
-    return "is not dense (a strided view)";
-  }
-  if (average.strides() != model.strides()) {
-    return "has an average and a model with different strides";
-  }
-  return {};
-}
-
 Table::Table(const TensorRefs& averages, const TensorRefs& models, const std::vector<int64_t>& tensor_indices,
              int64_t sets)
     : sets_(sets) {
-  const auto count = static_cast<int64_t>(models.size());
-  TORCH_CHECK_VALUE(sets >= 1 && sets <= kMaxSets, "fused_ema: between 1 and ", kMaxSets,
-                    " average sets per call, got ", sets, "; split them over several calls");
-  TORCH_CHECK_VALUE(static_cast<int64_t>(averages.size()) == sets * count, "fused_ema: expected ", sets, " x ",
-                    count, " averages (set-major), got ", averages.size());
-  TORCH_CHECK_VALUE(static_cast<int64_t>(tensor_indices.size()) == count, "fused_ema: expected ", count,
-                    " tensor_indices, got ", tensor_indices.size());
-  if (count == 0) {
-    return;
+  TORCH_CHECK_VALUE(models.empty() || models[0]->device().is_cpu(), "fused_ema: the CPU kernel needs CPU tensors, ",
+                    "got models on ", models[0]->device());
+  entries_.reserve(models.size());
+  averages_.reserve(averages.size());
+  walk_pairs(averages, models, static_cast<int64_t>(tensor_indices.size()), sets,
+             [&](int64_t i, const at::Tensor& model, void* const* average_addresses) {
+               averages_.insert(averages_.end(), average_addresses, average_addresses + sets);
+               entries_.push_back(
+                   {model.const_data_ptr(), model.numel(), blocks_, static_cast<uint32_t>(tensor_indices[i])});
+               blocks_ += blocks_of(model.numel());
+               numel_ += model.numel();
+             });
+  if (!models.empty()) {
+    const ScalarKind average = scalar_kind(averages[0]->scalar_type()), model = scalar_kind(models[0]->scalar_type());
+    nearest_ = select_kernel(average, model, false);
+    stochastic_ = select_kernel(average, model, true);
   }
-  const at::ScalarType average_dtype = averages[0]->scalar_type(), model_dtype = models[0]->scalar_type();
-  entries_.reserve(count);
-  averages_.reserve(sets * count);
-  for (int64_t i = 0; i < count; ++i) {
-    const at::Tensor& model = *models[i];
-    TORCH_CHECK_TYPE(model.scalar_type() == model_dtype, "fused_ema: models[", i, "] is ", model.scalar_type(),
-                     " but models[0] is ", model_dtype, "; one table holds one dtype pair");
-    for (int64_t set = 0; set < sets; ++set) {
-      const at::Tensor& average = *averages[set * count + i];
-      TORCH_CHECK_TYPE(average.scalar_type() == average_dtype, "fused_ema: averages[", set * count + i, "] is ",
-                       average.scalar_type(), " but averages[0] is ", average_dtype,
-                       "; one table holds one dtype pair");
-      const std::string problem = pair_problem(average, model);
-      TORCH_CHECK_VALUE(problem.empty(), "fused_ema: pair ", i, " of set ", set, " ", problem,
-                        "; use the list op or backend 'foreach' for it");
-      averages_.push_back(average.data_ptr());
-    }
-    entries_.push_back({model.const_data_ptr(), model.numel(), blocks_, static_cast<uint32_t>(tensor_indices[i])});
-    blocks_ += blocks_of(model.numel());
-    numel_ += model.numel();
-  }
-  nearest_ = select_kernel(scalar_kind(average_dtype), scalar_kind(model_dtype), false);
-  stochastic_ = select_kernel(scalar_kind(average_dtype), scalar_kind(model_dtype), true);
 }
 
 void Table::run(const std::vector<double>& weights, const std::optional<std::vector<int64_t>>& rounding_keys) const {

@@ -3,10 +3,10 @@
 // handles), and lerp_lists_, the functional API's fast path (lists handed straight to C++: about 20 ns
 // a tensor, where a TORCH_LIBRARY list schema costs about 125 ns).
 //
-// CpuTable's TensorWatch (csrc/tensor_watch.h) re-reads every tensor's TensorImpl, dtype, sizes,
-// strides and data pointer at each update (a few ns per tensor): moved pointers (`param.data = t`)
-// rebuild the table silently; any other change marks the table stale and it refuses to run until the
-// owner builds a new one. It keeps the Python tensors, not at::Tensor handles, so that
+// CpuTable's TensorWatch (csrc/tensor_watch.h), the one staleness check, re-reads every tensor's
+// TensorImpl, dtype, sizes, strides and data pointer at each update (a few ns per tensor): moved
+// pointers (`param.data = t`) rebuild the table silently; any other change marks the table stale and
+// it refuses to run until the owner builds a new one. It keeps the Python tensors, not at::Tensor handles, so that
 // torch.utils.swap_tensors still works on the tensors of a table.
 #include <utility>
 
@@ -32,16 +32,17 @@ class CpuTable {
     table_ = build();
   }
 
-  // True when a tensor changed dtype, device, shape or strides, or holds another TensorImpl: the
-  // table can no longer run. Otherwise follows moved data pointers (rebuilding the table if one
-  // moved) and returns false, and the next lerp_ trusts this check instead of repeating it.
-  bool refresh() {
+  // The watch's answer (TensorWatch::refresh): kStale when a tensor changed dtype, device, shape or
+  // strides, or holds another TensorImpl (the table can no longer run); kMoved when data pointers
+  // moved, after rebuilding the table; kUnchanged otherwise. After either of the last two the next
+  // lerp_ trusts this check instead of repeating it.
+  WatchState refresh() {
     if (broken_) {
-      return true;
+      return WatchState::kStale;
     }
     const WatchState state = watch_.refresh();
     if (state == WatchState::kStale) {
-      return true;
+      return state;
     }
     if (state == WatchState::kMoved) {
       // The watch already holds the new addresses: if the rebuild throws, the old table (old
@@ -51,14 +52,14 @@ class CpuTable {
       broken_ = false;
     }
     checked_ = true;
-    return false;
+    return state;
   }
 
   // Checks the tensors (unless refresh() just did) and runs the table: one call, so the check's
   // parallel pass and the kernel's follow each other without waking the worker threads twice.
   // False, having written nothing, when the table is stale.
   bool lerp_(const std::vector<double>& weights, const std::optional<std::vector<int64_t>>& rounding_keys) {
-    if (!checked_ && refresh()) {
+    if (!checked_ && refresh() == WatchState::kStale) {
       return false;
     }
     checked_ = false;
@@ -199,9 +200,11 @@ void bind_cpu_table(pybind11::module_& module) {
 
 CpuTable(averages, models, tensor_indices, sets): averages is set-major (sets x len(models)), every
 pair dense with matching strides, one dtype pair, on the CPU. lerp_(weights, rounding_keys=None)
-updates averages[k][i] <- lerp(averages[k][i], models[i], weights[k]) in one parallel pass.
-refresh() returns True when a tensor changed dtype, shape or strides or holds another TensorImpl (the
-table is then stale and must be rebuilt) and follows moved storages silently otherwise.)")
+updates averages[k][i] <- lerp(averages[k][i], models[i], weights[k]) in one parallel pass and returns
+True, or False, having written nothing, when the table is stale (it checks unless refresh() just did).
+refresh() returns a WatchState, as TensorWatch.refresh() does: STALE when a tensor changed dtype,
+shape or strides or holds another TensorImpl (the table must be rebuilt), MOVED when storages moved
+(the table followed them), UNCHANGED otherwise.)")
       .def(py::init<const py::sequence&, const py::sequence&, std::vector<int64_t>, int64_t>(), py::arg("averages"),
            py::arg("models"), py::arg("tensor_indices"), py::arg("sets"))
       .def("refresh", &CpuTable::refresh)

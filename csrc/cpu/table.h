@@ -1,7 +1,8 @@
-// The chunk table of one group of (average, model) pairs. Built by the list op and the functional
-// fast path (multi_lerp.cpp) on every call, and kept across updates by CpuTable (table.cpp).
-// The builder (Table's constructor) reads nothing but the tensors it is given, so a shared chunk-table
-// builder can replace it without touching its callers.
+// The CPU kernel's view of the chunk table of one group of (average, model) pairs: pointer entries
+// over 64-element blocks (at::vec's layout), where the GPU kernels take element offsets over 2048-element
+// chunks. Built by the one walk of csrc/chunk_table_torch.h (walk_pairs), which validates the pairs
+// for both views. Built by the list op and the functional fast path (multi_lerp.cpp) on every call,
+// and kept across updates by CpuTable (table.cpp).
 #pragma once
 
 #include <cstdint>
@@ -10,7 +11,7 @@
 
 #include <ATen/core/Tensor.h>
 
-#include "../chunk_table.h"
+#include "../chunk_table_torch.h"
 #include "lerp_kernel.h"
 
 namespace pybind11 {
@@ -19,13 +20,9 @@ class module_;
 
 namespace fused_ema::cpu {
 
-// kMaxSets (sets one kernel call updates) comes from the shared chunk-table header.
+// TensorRefs and pair_problem come from the enclosing fused_ema namespace (chunk_table_torch.h).
 
 ScalarKind scalar_kind(at::ScalarType dtype);
-
-// Tensors by address: the callers own them (an operator's arguments, Python objects), and copying
-// an at::Tensor costs an atomic reference count per tensor.
-using TensorRefs = std::vector<const at::Tensor*>;
 
 // Pointers of dense pairs with matching strides, one dtype pair, all on the CPU.
 // averages is set-major: averages[set * models.size() + i].
@@ -49,9 +46,6 @@ class Table {
   RangeKernel nearest_ = nullptr;
   RangeKernel stochastic_ = nullptr;  // the same as nearest_ unless the averages are bfloat16
 };
-
-// Why a pair cannot go in a Table (empty string when it can).
-std::string pair_problem(const at::Tensor& average, const at::Tensor& model);
 
 // averages[k * len(models) + i] <- lerp(that average, models[i], weights[k]) for any CPU pairs of
 // kernel dtypes: one Table per dtype pair, strided pairs through dense temporaries. Checks every pair

@@ -23,7 +23,7 @@ allocation while that stream's kernel still reads it. Building a table copies it
 which a CUDA graph would freeze: it refuses to run during capture (warm up before capturing).
 
 A storage swap (``param.data = t``, ``model.to(dtype)``) keeps the Python tensor but changes its
-pointer: :meth:`ChunkTable.is_stale` notices it through the C++ ``TensorWatch`` (csrc/tensor_watch.h:
+pointer: :meth:`ChunkTable.refresh` notices it through the C++ ``TensorWatch`` (csrc/tensor_watch.h:
 metadata only, no device sync, microseconds for thousands of tensors) and rebuilds the table, or
 reports the group stale when the swap also changed the dtype, device or layout (the plan then
 regroups).
@@ -119,18 +119,20 @@ class ChunkTable(DeviceTables):
         # Held so the launch passes the bases the offsets were computed from (a swap rebuilds).
         self.model_base, self.average_base = group.models[0], group.averages[0][0]
 
-    def is_stale(self, group: Group) -> bool:
-        """True when the group no longer fits a table (the plan must regroup); rebuilds after a swap.
+    def refresh(self, group: Group):
+        """The watch's ``_C.WatchState`` (as ``TensorWatch.refresh`` and ``CpuTable.refresh`` answer):
+        STALE when the group no longer fits a table (the plan must regroup), MOVED after rebuilding
+        the table for swapped storages, UNCHANGED otherwise.
 
         The common case, nothing swapped, costs one pass over the tensors' metadata in C++.
         """
         state = self.watch.refresh()
-        if state == "moved":  # same dtypes, devices and layouts: the table only needs new offsets
+        if state == ops._C.WatchState.MOVED:  # same dtypes, devices and layouts: the table only needs new offsets
             try:
                 self._build(group, self.chunk_elements)
             except ValueError:  # e.g. a swapped-in tensor at an odd address: let the plan regroup
-                return True
-        return state == "stale"
+                return ops._C.WatchState.STALE
+        return state
 
 
 def table(group: Group) -> ChunkTable:
@@ -159,4 +161,4 @@ def is_stale(group: Group) -> bool:
     cached = group.cache.get("chunk_table")
     if cached is None:
         return not _layout_ok(group)
-    return cached.is_stale(group)
+    return cached.refresh(group) == ops._C.WatchState.STALE

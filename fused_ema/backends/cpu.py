@@ -49,7 +49,7 @@ class CpuBackend(FusedBackend):
             except (ValueError, TypeError):
                 return True
         # Also follows storages swapped in place (param.data = t), rebuilding the table silently.
-        return table.refresh()
+        return table.refresh() == _ops()._C.WatchState.STALE
 
     def run_table(self, group: Group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
         if not self._table(group).lerp_(weights, rounding_keys):
