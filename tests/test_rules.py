@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 
 import pytest
 import torch
@@ -113,6 +114,14 @@ def test_rule_states_saved_under_the_old_name_still_load():
     assert rule.state_dict() == {"rule": "ConstantEMA", "decay": 0.75}  # a new save writes the new name
     with pytest.raises(ValueError, match="belongs to rule EMA, not SWA"):
         rules.SWA().load_state_dict(saved)
+
+
+def test_a_rule_pickled_under_the_old_name_unpickles():
+    old = pickle.dumps(rules.ConstantEMA(0.75), protocol=0).replace(b"\nConstantEMA\n", b"\nEMA\n")
+    assert b"fused_ema.rules\nEMA\n" in old  # the class by its old name, as a pickle made before the rename
+    with pytest.warns(DeprecationWarning, match="rules.EMA is deprecated"):
+        rule = pickle.loads(old)
+    assert type(rule) is rules.ConstantEMA and rule(0) == 0.25
 
 
 def test_an_ema_checkpoint_saved_with_the_old_rule_name_loads():

@@ -135,7 +135,7 @@ def _multi_lerp_kernel(
     WIDE: tl.constexpr,  # compute in float64 (either side is float64), else float32
     SETS: tl.constexpr,
     STOCHASTIC: tl.constexpr,
-    MODEL_ALIGNMENT: tl.constexpr,  # elements every model offset is a multiple of (16 bytes, or 1)
+    MODEL_ALIGNMENT: tl.constexpr,  # elements every model offset is a multiple of (VECTOR_BYTES, or 1)
     AVERAGE_ALIGNMENT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -186,8 +186,9 @@ def launch_(table: chunk_table.DeviceTables, model_base: torch.Tensor, average_b
             WIDE=torch.float64 in (average_dtype, model_dtype),
             SETS=table.sets,
             STOCHASTIC=stochastic,
-            MODEL_ALIGNMENT=16 // model_dtype.itemsize if table.aligned else 1,
-            AVERAGE_ALIGNMENT=16 // average_dtype.itemsize if table.aligned else 1,
+            # table.aligned: every pointer is a multiple of VECTOR_BYTES (the builder checked).
+            MODEL_ALIGNMENT=chunk_table.VECTOR_BYTES // model_dtype.itemsize if table.aligned else 1,
+            AVERAGE_ALIGNMENT=chunk_table.VECTOR_BYTES // average_dtype.itemsize if table.aligned else 1,
             BLOCK=table.chunk_elements,
             # The one fma is explicit; no other contraction, so results do not depend on Triton's default.
             enable_fp_fusion=False,
