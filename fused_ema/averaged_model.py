@@ -147,6 +147,10 @@ class AveragedModel(swa_utils.AveragedModel):
             mirror[:] = (int(n_averaged), n_averaged, n_averaged._version)  # the user changed it: one read, as torch's
         return mirror[0]
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        selection.forget_shared(self)  # a copy (deepcopy, pickle) holds copies of the live model's tensors
+
     def _apply(self, fn: Callable, recurse: bool = True) -> AveragedModel:
         # .to() / .half() on the average must not move or cast the live model's shared parameters.
         return super()._apply(selection.sparing_shared(self, fn), recurse)

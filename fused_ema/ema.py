@@ -347,9 +347,11 @@ class EMA(nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         parameters = dict(self.named_parameters(remove_duplicate=False))
+        # Left where they are: copied together with the live model, they are that copy's tensors.
         shared = [parameters[key] for key in getattr(self, "_shared_keys", ()) if key in parameters]
         for average in self.averages:
             pack_(average, skip=shared)  # a copy's tensors arrive as separate allocations: one block again
+        selection.forget_shared(self)
 
     def get_extra_state(self) -> dict[str, Any]:
         if self.capturable:  # replays advanced the device count only; a checkpoint may read it back

@@ -160,6 +160,18 @@ def sparing_shared(owner: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor])
     return lambda tensor: tensor if id(tensor) in spared else fn(tensor)
 
 
+def forget_shared(owner: nn.Module) -> None:
+    """After a copy of ``owner`` (deepcopy, pickle): it shares no tensor with the live model any more.
+
+    The copy does not take the live model along, so the unselected tensors it held by reference
+    arrive as copies: its own now, which ``.to()`` / ``.half()`` must move with the rest (else the
+    copy's frozen and averaged weights end up on different devices or dtypes). Copied in one go
+    with the model, they are that model copy's too, and move with it.
+    """
+    if getattr(owner, "_shared_keys", ()):
+        owner._shared_keys = ()
+
+
 def _is_selected(owner: nn.Module, name: str) -> bool:
     return owner._selection is None or name in owner._selection
 

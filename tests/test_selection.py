@@ -421,6 +421,29 @@ def test_model_to_after_construction_and_ema_to_never_moves_the_live_model():
     assert clone._model is None  # private on purpose: that the copy let go of the live model is the subject
     assert clone.module[0].base.weight is not model[0].base.weight
     assert torch.equal(clone.module[0].base.weight, model[0].base.weight)
+    clone.to(torch.float32)  # the copy's frozen weights are its own: cast with the rest, the live model untouched
+    assert {p.dtype for p in clone.module.parameters()} == {torch.float32}
+    assert model[0].base.weight.dtype == torch.float64
+    clone.module(torch.randn(2, 6))  # one dtype throughout
+
+
+@pytest.mark.parametrize("wrapper", ["EMA", "AveragedModel"])
+def test_a_pickled_average_of_part_of_a_model_moves_as_a_whole(wrapper):
+    model = lora_model()
+    if wrapper == "EMA":
+        average = fused_ema.EMA(model, decay=0.5, trainable_only=True)
+    else:
+        average = fused_ema.AveragedModel(model, trainable_only=True)
+    buffer = io.BytesIO()
+    torch.save(average, buffer)
+    buffer.seek(0)
+    copy_ = torch.load(buffer, weights_only=False)
+    copy_.double()
+    module = copy_.module
+    assert {p.dtype for p in module.parameters()} == {torch.float64}  # frozen and averaged weights alike
+    assert model[0].base.weight.dtype == torch.float32
+    average.double()  # the original still spares the live model's tensors
+    assert model[0].base.weight.dtype == torch.float32 and average.module[0].lora_A.weight.dtype == torch.float64
 
 
 def test_dtype_casts_the_average_and_leaves_shared_tensors_in_the_models_dtype():
