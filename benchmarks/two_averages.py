@@ -6,8 +6,8 @@
 One pass reads each model tensor once for both averages and pays the per-update overhead once; two
 EMAs read the model twice and pay it twice. Target (issue 13): >= 1.3x faster than two EMAs. On a
 model far larger than the caches (``linear``: 12 Linear(2048, 2048), 50.4M float32 parameters) the
-update is bound by memory traffic, and one pass moves 5 model-sizes (read the model, read and write
-two averages) where two EMAs move 6: 6/5 = 1.2x is the ceiling there. On many small tensors
+update is mostly memory traffic, and one pass moves 5 model-sizes (read the model, read and write
+two averages) where two EMAs move 6: about 1.2x is what it gains there. On many small tensors
 (``small-tensors``: 4000 x 256) the saved overhead counts too. Contenders interleaved, medians.
 """
 
