@@ -138,14 +138,18 @@ class AveragedModel(swa_utils.AveragedModel):
         # The host copy of n_averaged: [count, the buffer, its version], valid while the buffer is
         # that object at that version. A list changed in place: nn.Module.__setattr__ costs
         # microseconds, on every update.
-        self._n_mirror = [0, self.n_averaged, self.n_averaged._version]
+        self._n_mirror: list = [0, None, 0]
+        self._mirror_n_averaged(0, self.n_averaged)
+
+    def _mirror_n_averaged(self, count: int, n_averaged: Tensor) -> None:
+        self._n_mirror[:] = (count, n_averaged, n_averaged._version)
 
     def _count(self, n_averaged: Tensor) -> int:
         """``n_averaged`` as an int: the host mirror, re-read only after the buffer was edited or replaced."""
-        mirror = self._n_mirror
-        if n_averaged is not mirror[1] or n_averaged._version != mirror[2]:
-            mirror[:] = (int(n_averaged), n_averaged, n_averaged._version)  # the user changed it: one read, as torch's
-        return mirror[0]
+        _, seen, version = self._n_mirror
+        if n_averaged is not seen or n_averaged._version != version:
+            self._mirror_n_averaged(int(n_averaged), n_averaged)  # the user changed it: one read, as torch's class
+        return self._n_mirror[0]
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -176,7 +180,7 @@ class AveragedModel(swa_utils.AveragedModel):
         else:
             self._update_with_function(plan, count)
         n_averaged.add_(1)  # in place on its device: no sync
-        self._n_mirror[:] = (count + 1, n_averaged, n_averaged._version)
+        self._mirror_n_averaged(count + 1, n_averaged)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """As ``nn.Module.load_state_dict``, but all or nothing: a load that raises changes nothing.

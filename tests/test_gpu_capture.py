@@ -181,11 +181,8 @@ def test_building_a_table_during_capture_raises(monkeypatch):
         ema.update()  # no warm-up: the first update would copy the table from the host
 
 
-def test_triton_launch_makes_the_tables_device_current(monkeypatch):
-    interpreted = triton_interpreted.module()
-    if interpreted is None:
-        pytest.skip("triton is not installed")
-    current = {"device": 0}
+def _tracking_device(current: dict):
+    """A stand-in for ``torch.cuda.device`` that keeps the index it makes current in ``current["device"]``."""
 
     @contextlib.contextmanager
     def fake_device(device):
@@ -195,6 +192,15 @@ def test_triton_launch_makes_the_tables_device_current(monkeypatch):
         finally:
             current["device"] = previous
 
+    return fake_device
+
+
+def test_triton_launch_makes_the_tables_device_current(monkeypatch):
+    interpreted = triton_interpreted.module()
+    if interpreted is None:
+        pytest.skip("triton is not installed")
+    current = {"device": 0}
+    fake_device = _tracking_device(current)
     launches = []
 
     class Kernel:
@@ -222,15 +228,8 @@ def test_cuda_launch_makes_the_tables_device_current(monkeypatch):
     from fused_ema.backends import cuda as cuda_backend
 
     current = {"device": 0}
+    fake_device = _tracking_device(current)
     launches = []
-
-    @contextlib.contextmanager
-    def fake_device(device):
-        previous, current["device"] = current["device"], torch.device(device).index
-        try:
-            yield
-        finally:
-            current["device"] = previous
 
     class Extension:
         @staticmethod

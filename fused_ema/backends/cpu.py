@@ -56,11 +56,10 @@ class CpuBackend(FusedBackend):
             raise StalePlanError
 
     def checked_lerp_(self, group: Group, weights: Sequence[float], rounding_keys: Sequence[int] | None) -> None:
-        # The table's lerp_ checks and runs in one call (False: stale, nothing written).
         if "cpu_table" not in group.cache:
             super().checked_lerp_(group, weights, rounding_keys)  # the first update builds the table
-        elif not group.cache["cpu_table"].lerp_(weights, rounding_keys):
-            raise StalePlanError
+        else:
+            self.run_table(group, weights, rounding_keys)  # the table's lerp_ checks, then runs, in one call
 
     @staticmethod
     def _table(group: Group):
