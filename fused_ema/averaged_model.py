@@ -173,7 +173,7 @@ class AveragedModel(swa_utils.AveragedModel):
             capture.lerp_(plan, torch.where(count == 0, 1.0, self._rule.weight_tensor(count)).reshape(1))
             self.n_averaged.add_(1)
             return
-        n_averaged = self.n_averaged
+        n_averaged = self._buffers["n_averaged"]  # not nn.Module.__getattr__: microseconds, on every update
         count = self._count(n_averaged)
         if self._rule is not None:
             plan.lerp_([1.0 if count == 0 else self._rule(count)])

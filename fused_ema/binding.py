@@ -66,8 +66,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
+            continue
+        # torch.compile's OptimizedModule registers the original as a submodule. Looked up in the
+        # dicts: hasattr on a module without it raises and formats an AttributeError, on every update.
+        inner = getattr(model, "_modules", {}).get("_orig_mod")
+        if isinstance(inner, nn.Module):
+            model = inner
         else:
             return model
 

@@ -184,6 +184,20 @@ def test_only_one_function():
         fused_ema.AveragedModel(small_cnn(), avg_fn=fused_ema.get_swa_avg_fn(), multi_avg_fn=fused_ema.get_swa_multi_avg_fn())
 
 
+@pytest.mark.parametrize("wrap", [torch.compile, lambda m: torch.nn.DataParallel(torch.compile(m))],
+                         ids=["compiled", "data-parallel-of-compiled"])
+def test_unwraps_compiled_models(wrap):
+    model = small_cnn()
+    ours = fused_ema.AveragedModel(wrap(model))  # torch.compile compiles at the first call: none here
+    assert set(ours.state_dict()) == set(swa_utils.AveragedModel(model).state_dict())
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    ours.update_parameters(wrap(model))
+    for mine, theirs in zip(ours.module.parameters(), model.parameters()):
+        assert torch.equal(mine, theirs)
+
+
 def test_unwraps_data_parallel():
     model = small_cnn()
     ours = fused_ema.AveragedModel(torch.nn.DataParallel(model))
