@@ -1,6 +1,8 @@
 // The chunk-table builder (chunk_table_torch.h) and its Python bindings.
 #include <torch/csrc/utils/pybind.h>
 
+#include <algorithm>
+
 #include <ATen/ATen.h>
 
 #include "chunk_table_torch.h"
@@ -53,6 +55,39 @@ std::string pair_problem(const at::Tensor& average, const at::Tensor& model) {
   return {};
 }
 
+std::string sharing_problem(std::vector<Span> written, const std::vector<Span>& read, int64_t models) {
+  // Averages are mostly in address order already (a packed block, clones made in a loop).
+  const auto by_begin = [](const Span& a, const Span& b) { return a.begin < b.begin; };
+  if (!std::is_sorted(written.begin(), written.end(), by_begin)) {
+    std::sort(written.begin(), written.end(), by_begin);
+  }
+  for (size_t k = 1; k < written.size(); ++k) {
+    if (written[k].begin < written[k - 1].end) {
+      return c10::str("averages[", written[k - 1].index, "] and averages[", written[k].index, "] share memory");
+    }
+  }
+  if (written.empty()) {
+    return {};
+  }
+  // Disjoint and sorted: the averages a model overlaps end with the last one that begins before the
+  // model ends. Most models lie outside the averages' address range and cost one comparison.
+  const uintptr_t low = written.front().begin, high = written.back().end;
+  for (const Span& model : read) {
+    if (model.end <= low || model.begin >= high) {
+      continue;
+    }
+    auto k = std::upper_bound(written.begin(), written.end(), model.end,
+                              [](uintptr_t end, const Span& span) { return end <= span.begin; });
+    for (; k != written.begin() && (k - 1)->end > model.begin; --k) {
+      const Span& average = *(k - 1);
+      if (average.index % models != model.index || average.begin != model.begin || average.end != model.end) {
+        return c10::str("averages[", average.index, "] shares memory with models[", model.index, "]");
+      }
+    }
+  }
+  return {};
+}
+
 void check_table_counts(int64_t averages, int64_t models, int64_t tensor_indices, int64_t sets) {
   TORCH_CHECK_VALUE(sets >= 1 && sets <= kMaxSets, "fused_ema: a chunk table holds 1 to ", kMaxSets,
                     " average sets, got ", sets, "; split them over several calls");
@@ -87,17 +122,17 @@ ChunkTables build_chunk_tables(const TensorRefs& averages, const TensorRefs& mod
   uintptr_t model_base = 0, average_base = 0;
   int64_t model_element_size = 0, average_element_size = 0;
   std::vector<uintptr_t> addresses(sets);
-  walk_pairs(averages, models, static_cast<int64_t>(tensor_indices.size()), sets,
-             [&](int64_t i, const at::Tensor& model, void* const* average_addresses) {
+  const std::string sharing = walk_pairs(averages, models, static_cast<int64_t>(tensor_indices.size()), sets,
+             [&](int64_t i, const at::Tensor& model, const void* model_data, void* const* average_addresses) {
                if (i == 0) {
-                 model_base = reinterpret_cast<uintptr_t>(model.data_ptr());
+                 model_base = reinterpret_cast<uintptr_t>(model_data);
                  average_base = reinterpret_cast<uintptr_t>(average_addresses[0]);
                  model_element_size = model.element_size();
                  average_element_size = averages[0]->element_size();
                  numels.reserve(models.size());
                  tables.tensors.reserve(models.size() * tensor_row_width(sets));
                }
-               const auto model_address = reinterpret_cast<uintptr_t>(model.data_ptr());
+               const auto model_address = reinterpret_cast<uintptr_t>(model_data);
                tables.aligned = tables.aligned && model_address % kVectorBytes == 0;
                for (int64_t set = 0; set < sets; ++set) {
                  addresses[set] = reinterpret_cast<uintptr_t>(average_addresses[set]);
@@ -110,6 +145,8 @@ ChunkTables build_chunk_tables(const TensorRefs& averages, const TensorRefs& mod
                                  "not a multiple of the element size; clone them");
                numels.push_back(model.numel());
              });
+  TORCH_CHECK_VALUE(sharing.empty(), "fused_ema: ", sharing, "; the GPU kernels update every pair at once, so "
+                    "these would race: pass each average once, or use backend='reference', which updates them in turn");
   tables.chunks = chunk_rows(numels, chunk_elements);
   return tables;
 }

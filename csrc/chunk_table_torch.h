@@ -38,24 +38,50 @@ void check_table_counts(int64_t averages, int64_t models, int64_t tensor_indices
 [[noreturn]] void reject_pair(const TensorRefs& averages, const TensorRefs& models, int64_t set, int64_t i,
                               const std::string& problem);
 
+// The bytes [begin, end) of a dense tensor, and its position in the caller's list.
+struct Span {
+  uintptr_t begin, end;
+  int64_t index;
+};
+
+// Where an average shares memory with another average, or with the model of another pair (or with
+// part of its own), as a phrase ("averages[0] and averages[3] share memory"); empty when none does.
+// A table's pairs are updated in parallel, so such pairs would race (a tied weight listed twice, as
+// state_dict() lists it, is the usual cause): the CPU table then runs them in order on one thread,
+// as the reference does, and the GPU tables refuse them. Models may share memory with each other:
+// they are only read. written: the averages' spans (index set-major), read: the models'.
+std::string sharing_problem(std::vector<Span> written, const std::vector<Span>& read, int64_t models);
+
 // The one walk over the pairs of a chunk table: checks the counts, then each pair in order (the
 // models on one device in one dtype, the averages in one dtype, every pair as pair_problem wants),
-// and calls visit(i, model, average_addresses) for pair i, average_addresses[k] being the data of
-// averages[k * len(models) + i]. Nothing is visited after a bad pair; the caller writes nothing
-// until the walk returns. averages is set-major.
+// and calls visit(i, model, model_address, average_addresses) for pair i, average_addresses[k] being
+// the data of averages[k * len(models) + i]. Returns the pairs' sharing_problem, for the caller to
+// decide. Nothing is visited after a bad pair; the caller writes nothing until the walk returns.
+// averages is set-major.
 template <typename Visit>
-void walk_pairs(const TensorRefs& averages, const TensorRefs& models, int64_t tensor_indices, int64_t sets,
+[[nodiscard]] std::string walk_pairs(const TensorRefs& averages, const TensorRefs& models, int64_t tensor_indices, int64_t sets,
                 Visit&& visit) {
   const auto count = static_cast<int64_t>(models.size());
   check_table_counts(static_cast<int64_t>(averages.size()), count, tensor_indices, sets);
-  if (count == 0) return;
+  if (count == 0) return {};
   const at::Tensor& first_model = *models[0];
   const at::Tensor& first_average = *averages[0];
+  const auto model_bytes = static_cast<uintptr_t>(first_model.element_size());
+  const auto average_bytes = static_cast<uintptr_t>(first_average.element_size());
+  std::vector<Span> written, read;  // the averages' and the models' memory, for sharing_problem
+  written.reserve(averages.size());
+  read.reserve(models.size());
   std::array<void*, kMaxSets> average_addresses{};
   for (int64_t i = 0; i < count; ++i) {
     const at::Tensor& model = *models[i];
     if (model.scalar_type() != first_model.scalar_type() || model.device() != first_model.device()) {
       reject_pair(averages, models, 0, i, {});
+    }
+    const void* model_address = model.const_data_ptr();
+    const auto numel = static_cast<uintptr_t>(model.numel());
+    if (numel > 0) {
+      const auto begin = reinterpret_cast<uintptr_t>(model_address);
+      read.push_back({begin, begin + numel * model_bytes, i});
     }
     for (int64_t set = 0; set < sets; ++set) {
       const at::Tensor& average = *averages[set * count + i];
@@ -64,9 +90,14 @@ void walk_pairs(const TensorRefs& averages, const TensorRefs& models, int64_t te
         reject_pair(averages, models, set, i, problem);
       }
       average_addresses[set] = average.data_ptr();
+      if (numel > 0) {
+        const auto begin = reinterpret_cast<uintptr_t>(average_addresses[set]);
+        written.push_back({begin, begin + numel * average_bytes, set * count + i});
+      }
     }
-    visit(i, model, average_addresses.data());
+    visit(i, model, model_address, average_addresses.data());
   }
+  return sharing_problem(std::move(written), read, count);
 }
 
 struct ChunkTables {

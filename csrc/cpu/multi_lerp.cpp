@@ -62,14 +62,18 @@ Table::Table(const TensorRefs& averages, const TensorRefs& models, const std::ve
                     "got models on ", models[0]->device());
   entries_.reserve(models.size());
   averages_.reserve(averages.size());
-  walk_pairs(averages, models, static_cast<int64_t>(tensor_indices.size()), sets,
-             [&](int64_t i, const at::Tensor& model, void* const* average_addresses) {
+  const std::string sharing = walk_pairs(averages, models, static_cast<int64_t>(tensor_indices.size()), sets,
+             [&](int64_t i, const at::Tensor& model, const void* model_data, void* const* average_addresses) {
                averages_.insert(averages_.end(), average_addresses, average_addresses + sets);
-               entries_.push_back(
-                   {model.const_data_ptr(), model.numel(), blocks_, static_cast<uint32_t>(tensor_indices[i])});
+               entries_.push_back({model_data, model.numel(), blocks_, static_cast<uint32_t>(tensor_indices[i])});
                blocks_ += blocks_of(model.numel());
                numel_ += model.numel();
              });
+  if (!sharing.empty()) {
+    TORCH_WARN_ONCE("fused_ema: ", sharing, ", so the CPU kernel updates this table's pairs in turn on one "
+                    "thread, as the reference does (is a tensor listed twice, as state_dict() lists a tied weight?)");
+    in_order_ = true;
+  }
   if (!models.empty()) {
     const ScalarKind average = scalar_kind(averages[0]->scalar_type()), model = scalar_kind(models[0]->scalar_type());
     nearest_ = select_kernel(average, model, false);
@@ -94,6 +98,10 @@ void Table::run(const std::vector<double>& weights, const std::optional<std::vec
   const LerpArgs args{entries_.data(), static_cast<int64_t>(entries_.size()), averages_.data(), sets_,
                       weights.data(), rounding_keys ? keys : nullptr};
   const RangeKernel kernel = rounding_keys ? stochastic_ : nearest_;
+  if (in_order_) {
+    kernel(args, 0, blocks_);  // pair after pair: where pairs share memory, each sees the last one's writes
+    return;
+  }
   at::parallel_for(0, blocks_, kGrainBlocks, [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
 }
 

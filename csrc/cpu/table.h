@@ -45,6 +45,7 @@ class Table {
   int64_t numel_ = 0;
   RangeKernel nearest_ = nullptr;
   RangeKernel stochastic_ = nullptr;  // the same as nearest_ unless the averages are bfloat16
+  bool in_order_ = false;             // some pairs share memory (sharing_problem): run on one thread
 };
 
 // averages[k * len(models) + i] <- lerp(that average, models[i], weights[k]) for any CPU pairs of
