@@ -75,6 +75,22 @@ def test_the_cpu_kernel_updates_pairs_that_share_memory_in_turn(case, path):
         assert torch.equal(mine, expected)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "foreach"])
+def test_the_same_averages_in_two_sets_get_both_updates_in_turn(backend):
+    generator = torch.Generator().manual_seed(7)
+    first, second = torch.randn(LENGTH, generator=generator), torch.randn(LENGTH, generator=generator)
+    models = [torch.randn(LENGTH, generator=generator), torch.randn(LENGTH, generator=generator)]
+    results = {}
+    for name in ("reference", backend):
+        averages = [first.clone(), second.clone()]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fused_ema.multi_lerp_([averages, averages], models, [0.3, 0.6], backend=name)
+        results[name] = averages
+    for mine, expected in zip(results[backend], results["reference"]):
+        assert torch.equal(mine, expected)
+
+
 def test_pairs_that_share_memory_warn_once_and_an_average_that_is_its_own_model_does_not():
     script = """
 import warnings, torch, fused_ema
