@@ -122,29 +122,30 @@ ChunkTables build_chunk_tables(const TensorRefs& averages, const TensorRefs& mod
   uintptr_t model_base = 0, average_base = 0;
   int64_t model_element_size = 0, average_element_size = 0;
   std::vector<uintptr_t> addresses(sets);
-  const std::string sharing = walk_pairs(averages, models, static_cast<int64_t>(tensor_indices.size()), sets,
-             [&](int64_t i, const at::Tensor& model, const void* model_data, void* const* average_addresses) {
-               if (i == 0) {
-                 model_base = reinterpret_cast<uintptr_t>(model_data);
-                 average_base = reinterpret_cast<uintptr_t>(average_addresses[0]);
-                 model_element_size = model.element_size();
-                 average_element_size = averages[0]->element_size();
-                 numels.reserve(models.size());
-                 tables.tensors.reserve(models.size() * tensor_row_width(sets));
-               }
-               const auto model_address = reinterpret_cast<uintptr_t>(model_data);
-               tables.aligned = tables.aligned && model_address % kVectorBytes == 0;
-               for (int64_t set = 0; set < sets; ++set) {
-                 addresses[set] = reinterpret_cast<uintptr_t>(average_addresses[set]);
-                 tables.aligned = tables.aligned && addresses[set] % kVectorBytes == 0;
-               }
-               const bool whole = append_tensor_row(tables.tensors, model_base, model_address, model_element_size,
-                                                    average_base, addresses, average_element_size, model.numel(),
-                                                    tensor_indices[i]);
-               TORCH_CHECK_VALUE(whole, "fused_ema: models[", i, "] or its averages start at an address that is "
-                                 "not a multiple of the element size; clone them");
-               numels.push_back(model.numel());
-             });
+  const std::string sharing = walk_pairs(
+      averages, models, static_cast<int64_t>(tensor_indices.size()), sets,
+      [&](int64_t i, const at::Tensor& model, const void* model_data, void* const* average_addresses) {
+        if (i == 0) {
+          model_base = reinterpret_cast<uintptr_t>(model_data);
+          average_base = reinterpret_cast<uintptr_t>(average_addresses[0]);
+          model_element_size = model.element_size();
+          average_element_size = averages[0]->element_size();
+          numels.reserve(models.size());
+          tables.tensors.reserve(models.size() * tensor_row_width(sets));
+        }
+        const auto model_address = reinterpret_cast<uintptr_t>(model_data);
+        tables.aligned = tables.aligned && model_address % kVectorBytes == 0;
+        for (int64_t set = 0; set < sets; ++set) {
+          addresses[set] = reinterpret_cast<uintptr_t>(average_addresses[set]);
+          tables.aligned = tables.aligned && addresses[set] % kVectorBytes == 0;
+        }
+        const bool whole = append_tensor_row(tables.tensors, model_base, model_address, model_element_size,
+                                             average_base, addresses, average_element_size, model.numel(),
+                                             tensor_indices[i]);
+        TORCH_CHECK_VALUE(whole, "fused_ema: models[", i, "] or its averages start at an address that is "
+                          "not a multiple of the element size; clone them");
+        numels.push_back(model.numel());
+      });
   TORCH_CHECK_VALUE(sharing.empty(), "fused_ema: ", sharing, "; the GPU kernels update every pair at once, so "
                     "these would race: pass each average once, or use backend='reference', which updates them in turn");
   tables.chunks = chunk_rows(numels, chunk_elements);

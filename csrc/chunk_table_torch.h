@@ -59,8 +59,8 @@ std::string sharing_problem(std::vector<Span> written, const std::vector<Span>& 
 // decide. Nothing is visited after a bad pair; the caller writes nothing until the walk returns.
 // averages is set-major.
 template <typename Visit>
-[[nodiscard]] std::string walk_pairs(const TensorRefs& averages, const TensorRefs& models, int64_t tensor_indices, int64_t sets,
-                Visit&& visit) {
+[[nodiscard]] std::string walk_pairs(const TensorRefs& averages, const TensorRefs& models, int64_t tensor_indices,
+                                     int64_t sets, Visit&& visit) {
   const auto count = static_cast<int64_t>(models.size());
   check_table_counts(static_cast<int64_t>(averages.size()), count, tensor_indices, sets);
   if (count == 0) return {};

@@ -36,7 +36,9 @@ def lerp_(
     ``averages[i] <- averages[i] + weight * (models[i] - averages[i])``, computed in float32
     (float64 if either side is float64) and rounded once on store. Integer and bool tensors are
     copied. With ``stochastic_rounding``, bfloat16 averages are rounded up or down at random with
-    the probability that keeps them unbiased; the bits depend only on ``(seed, step)``.
+    the probability that keeps them unbiased; the bits depend only on ``(seed, step)``. Averages
+    that share memory with another tensor of the call (one listed twice) are updated pair after
+    pair, in list order, as a Python loop would (the GPU backends refuse them).
 
     Example::
 

@@ -62,13 +62,14 @@ Table::Table(const TensorRefs& averages, const TensorRefs& models, const std::ve
                     "got models on ", models[0]->device());
   entries_.reserve(models.size());
   averages_.reserve(averages.size());
-  const std::string sharing = walk_pairs(averages, models, static_cast<int64_t>(tensor_indices.size()), sets,
-             [&](int64_t i, const at::Tensor& model, const void* model_data, void* const* average_addresses) {
-               averages_.insert(averages_.end(), average_addresses, average_addresses + sets);
-               entries_.push_back({model_data, model.numel(), blocks_, static_cast<uint32_t>(tensor_indices[i])});
-               blocks_ += blocks_of(model.numel());
-               numel_ += model.numel();
-             });
+  const std::string sharing = walk_pairs(
+      averages, models, static_cast<int64_t>(tensor_indices.size()), sets,
+      [&](int64_t i, const at::Tensor& model, const void* model_data, void* const* average_addresses) {
+        averages_.insert(averages_.end(), average_addresses, average_addresses + sets);
+        entries_.push_back({model_data, model.numel(), blocks_, static_cast<uint32_t>(tensor_indices[i])});
+        blocks_ += blocks_of(model.numel());
+        numel_ += model.numel();
+      });
   if (!sharing.empty()) {
     TORCH_WARN_ONCE("fused_ema: ", sharing, ", so the CPU kernel updates this table's pairs in turn on one "
                     "thread, as the reference does (is a tensor listed twice, as state_dict() lists a tied weight?)");
