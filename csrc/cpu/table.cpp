@@ -8,6 +8,7 @@
 // pointers (`param.data = t`) rebuild the table silently; any other change marks the table stale and
 // it refuses to run until the owner builds a new one. It keeps the Python tensors, not at::Tensor handles, so that
 // torch.utils.swap_tensors still works on the tensors of a table.
+#include <memory>
 #include <utility>
 
 #include <torch/csrc/Exceptions.h>
@@ -22,19 +23,6 @@ namespace {
 
 namespace py = pybind11;
 
-// Calls f under torch's Python warning handler, so a TORCH_WARN of the table code (pairs that share
-// memory) reaches Python as a UserWarning, as from torch's own operators, not as a line on stderr.
-template <typename F>
-auto python_warnings(F&& f) -> decltype(f()) {
-  torch::PyWarningHandler handler;
-  try {
-    return f();
-  } catch (...) {
-    handler.set_in_exception();  // the exception goes first; buffered warnings then go to stderr
-    throw;
-  }
-}
-
 class CpuTable {
  public:
   CpuTable(const py::sequence& averages, const py::sequence& models, std::vector<int64_t> tensor_indices,
@@ -43,7 +31,7 @@ class CpuTable {
         tensor_indices_(std::move(tensor_indices)),
         sets_(sets),
         watch_(concatenate(models, averages)) {
-    table_ = python_warnings([&] { return build(); });
+    table_ = build();
   }
 
   // The watch's answer (TensorWatch::refresh): kStale when a tensor changed dtype, device, shape or
@@ -62,7 +50,7 @@ class CpuTable {
       // The watch already holds the new addresses: if the rebuild throws, the old table (old
       // addresses) must never run, so the table counts as stale until a rebuild succeeds.
       broken_ = true;
-      table_ = python_warnings([&] { return build(); });
+      table_ = build();
       broken_ = false;
     }
     checked_ = true;
@@ -219,21 +207,22 @@ True, or False, having written nothing, when the table is stale (it checks unles
 refresh() returns a WatchState, as TensorWatch.refresh() does: STALE when a tensor changed dtype,
 shape or strides or holds another TensorImpl (the table must be rebuilt), MOVED when storages moved
 (the table followed them), UNCHANGED otherwise.)")
-      .def(py::init<const py::sequence&, const py::sequence&, std::vector<int64_t>, int64_t>(), py::arg("averages"),
-           py::arg("models"), py::arg("tensor_indices"), py::arg("sets"))
-      .def("refresh", &CpuTable::refresh)
-      .def("lerp_", &CpuTable::lerp_, py::arg("weights"), py::arg("rounding_keys") = py::none())
+      // torch::wrap_pybind_function: a TORCH_WARN of the table code (pairs that share memory) reaches
+      // Python as a UserWarning, as from torch's own operators, not as a line on stderr.
+      .def(py::init(torch::wrap_pybind_function([](const py::sequence& averages, const py::sequence& models,
+                                                    std::vector<int64_t> tensor_indices, int64_t sets) {
+             return std::make_unique<CpuTable>(averages, models, std::move(tensor_indices), sets);
+           })),
+           py::arg("averages"), py::arg("models"), py::arg("tensor_indices"), py::arg("sets"))
+      .def("refresh", torch::wrap_pybind_function(&CpuTable::refresh))
+      .def("lerp_", torch::wrap_pybind_function(&CpuTable::lerp_), py::arg("weights"),
+           py::arg("rounding_keys") = py::none())
       .def_property_readonly("numel", &CpuTable::numel)
       .def_property_readonly("sets", &CpuTable::sets)
       .def("__len__", &CpuTable::size);
-  module.def(
-      "lerp_lists_",
-      [](const py::handle& average_sets, const py::handle& models, const std::vector<double>& weights,
-         const std::optional<std::vector<int64_t>>& rounding_keys) {
-        return python_warnings([&] { return lerp_lists(average_sets, models, weights, rounding_keys); });
-      },
-      py::arg("average_sets"), py::arg("models"), py::arg("weights"), py::arg("rounding_keys") = py::none(),
-      R"(average_sets[k][i] <- lerp(average_sets[k][i], models[i], weights[k]) for CPU tensors, no plan kept.
+  module.def("lerp_lists_", torch::wrap_pybind_function(&lerp_lists), py::arg("average_sets"), py::arg("models"),
+             py::arg("weights"), py::arg("rounding_keys") = py::none(),
+             R"(average_sets[k][i] <- lerp(average_sets[k][i], models[i], weights[k]) for CPU tensors, no plan kept.
 
 Returns False, having written nothing, when a tensor is not a plain CPU tensor of a kernel dtype or a
 pair does not match (the caller then takes the general path, which explains the problem). Stochastic
